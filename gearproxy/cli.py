@@ -8,6 +8,7 @@ added to the group here, so they get the same mapping.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any, NoReturn
 
@@ -23,8 +24,28 @@ def fail(err: GearproxyError) -> NoReturn:
     sys.exit(err.exit_code)
 
 
+# Subcommands that live beside their domain code, imported only when invoked so
+# that `gearproxy proxy` (started once per link) does not pay for the docker SDK.
+LAZY_COMMANDS: dict[str, str] = {
+    "proxy": "gearproxy.proxy.command:proxy_command",
+    "install-units": "gearproxy.units:install_units_command",
+}
+
+
 class GearproxyGroup(click.Group):
     """A click group that turns GearproxyError into a one-line message and an exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
