@@ -39,5 +39,5 @@ def configure(level: str = "info", *, stream: TextIO | None = None,
 
 
 def get_logger(name: str) -> Any:
-    """A bound logger carrying `logger=name`."""
-    return structlog.get_logger(logger=name)
+    """A bound logger carrying `logger=name` (bound lazily: configure() may come later)."""
+    return structlog.get_logger().bind(logger=name)
