@@ -39,5 +39,10 @@ def configure(level: str = "info", *, stream: TextIO | None = None,
 
 
 def get_logger(name: str) -> Any:
-    """A bound logger carrying `logger=name` (bound lazily: configure() may come later)."""
-    return structlog.get_logger().bind(logger=name)
+    """A lazy logger carrying `logger_name=name`.
+
+    Lazy matters: modules take their logger at import time, before `configure`
+    runs, and `.bind()` on structlog's lazy proxy would freeze the default
+    configuration into it.  (`logger=` cannot be an initial value: it is a
+    parameter of structlog's `wrap_logger`.)"""
+    return structlog.get_logger(logger_name=name)
