@@ -148,7 +148,7 @@ class Supervisor:
         self._path(proxy.spec.key, ".json").write_text(json.dumps(asdict(proxy.spec)))
 
     def _remove_files(self, key: str) -> None:
-        for suffix in (".pid", ".json", ".sock"):
+        for suffix in (".pid", ".json", ".sock", ".log"):
             with contextlib.suppress(FileNotFoundError):
                 self._path(key, suffix).unlink()
 

@@ -1,0 +1,495 @@
+"""Executes plans against the engine and the supervisor, and keeps links up.
+
+Theory of operation
+-------------------
+`deploy` runs forward only, and records before it acts so that a deploy cut
+short (a crash, SIGKILL) converges when run again:
+
+    images present? -> plan + reserve ports (one store transaction) -> network
+      -> remove dropped instances -> per instance, targets before sources:
+         recreate? remove old -> create (idempotent by name) -> start
+      -> proxies (start / re-point live) -> wait until running, healthy and
+         every listener accepts -> status "deployed" + state file
+
+A deploy that fails removes the containers it created and gives their ports
+back; a first deploy that fails leaves nothing behind at all.
+
+Docker events keep links up.  Instance life cycle as the daemon sees it:
+
+    | event        | instance becomes | then                                      |
+    |--------------|------------------|-------------------------------------------|
+    | start        | running          | re-point its proxies (new address) and    |
+    |              |                  | re-create its consumers' listeners in its |
+    |              |                  | new namespace (no consumer restart)       |
+    | die          | exited           | empty its proxies' pools; restart per the |
+    |              |                  | Restart policy unless stopped on purpose  |
+    | destroy      | missing          | as die; a redeploy re-creates it          |
+    | health_status| (health updated) |                                           |
+
+Every engine call blocks, so it runs in a worker thread (`asyncio.to_thread`).
+One lock per deployment serialises deploys, verbs and event handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gearproxy import spec as specmod
+from gearproxy import statefile
+from gearproxy.engine import ContainerInfo, Engine, EngineEvent
+from gearproxy.errors import DaemonError, GearproxyError, PortConflictError, UsageError
+from gearproxy.log import get_logger
+from gearproxy.orchestrator.supervisor import Supervisor
+from gearproxy.orchestrator.wiring import Running, host_address, proxy_specs
+from gearproxy.plan import InstancePlan, Plan, describe, plan
+from gearproxy.ports import port_is_free
+from gearproxy.spec import Deployment
+from gearproxy.store import Store
+
+log = get_logger("gearproxy.lifecycle")
+
+T = TypeVar("T")
+HOSTS = ("local",)
+RESTART_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+Emit = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class Runtime:
+    """The daemon's working knowledge of one deployment."""
+
+    name: str
+    deployment: Deployment
+    instances: tuple[InstancePlan, ...]
+    publish_address: str = "0.0.0.0"
+    containers: dict[str, ContainerInfo] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)  # stopped on purpose: not restarted
+    restarts: dict[str, int] = field(default_factory=dict)
+
+    def instance(self, instance_id: str) -> InstancePlan | None:
+        return next((i for i in self.instances if i.id == instance_id), None)
+
+    def running(self) -> dict[str, Running]:
+        return {iid: Running(c.pid, c.address) for iid, c in self.containers.items()
+                if c.status == "running" and c.pid > 0 and c.address}
+
+
+class Lifecycle:
+    """Owns deployments at run time: deploy, verbs, events, reconcile."""
+
+    def __init__(self, store: Store, engine: Engine, supervisor: Supervisor,
+                 state_dir: Path, *, publish_address: str = "0.0.0.0",
+                 join_ns_of: int | None = None) -> None:
+        self.store = store
+        self.engine = engine
+        self.supervisor = supervisor
+        self.state_dir = state_dir
+        self.publish_address = publish_address
+        self.join_ns_of = join_ns_of
+        self.runtimes: dict[str, Runtime] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # -- deploy ------------------------------------------------------------
+
+    async def deploy(self, name: str, descriptor: str, *, timeout: float, emit: Emit,
+                     publish_address: str | None = None) -> dict[str, Any]:
+        deployment = specmod.parse(descriptor, source=name)
+        async with self.lock(name):
+            previous = self.store.get_deployment(name)
+            images = sorted({c.image for c in deployment.containers if c.count > 0})
+            await self._call(self.engine.ensure_images, images)
+            the_plan = self._reserve(name, deployment)
+            address = publish_address or (self.runtimes[name].publish_address
+                                          if name in self.runtimes else self.publish_address)
+            for line in describe(the_plan):
+                emit(line)
+            created: list[ContainerInfo] = []
+            try:
+                await self._execute(name, deployment, the_plan, address, emit, created,
+                                    timeout=timeout)
+            except BaseException as exc:
+                emit(f"deploy failed: {exc}")
+                await self._roll_back(name, previous, created)
+                raise
+            self.store.set_status(name, "deployed")
+            self._write_state_file(name, the_plan, deployment)
+            if the_plan.is_empty:
+                emit(f"deployment {name} unchanged")
+            return await self.status(name)
+
+    def _reserve(self, name: str, deployment: Deployment) -> Plan:
+        """Plan, probe newly allocated ports on the host, reserve them in one transaction.
+
+        A port bound by a foreign process, or reserved by a racing gearproxy
+        between our plan and our write, is added to `busy` and we plan again."""
+        busy: set[int] = set()
+        descriptor = json.dumps(specmod.to_json(deployment))
+        for _ in range(64):
+            current = self.store.current_state(name)
+            taken = {h: self.store.taken_ports(h, exclude=name) | busy for h in HOSTS}
+            the_plan = plan(deployment, current, HOSTS, name=name, taken=taken)
+            explicit = {(p.internal, p.external) for i in the_plan.instances
+                        for p in i.ports if p.explicit}
+            fresh = [port for _, port in the_plan.new_ports() if not port_is_free("local", port)]
+            kept = {p.external for c in current.instances for p in c.ports}
+            for inst in the_plan.instances:
+                for p in inst.ports:
+                    if (p.explicit and p.external not in kept
+                            and not port_is_free("local", p.external)):
+                        raise PortConflictError("local", p.external, None)
+            if fresh:
+                busy.update(fresh)
+                continue
+            try:
+                self.store.record_deployment(name, descriptor, the_plan.instances,
+                                             [r.id for r in the_plan.remove], status="deploying")
+            except PortConflictError as exc:
+                if (exc.port in {e for _, e in explicit}) or exc.owner is None:
+                    raise
+                busy.add(exc.port)
+                continue
+            return the_plan
+        raise DaemonError(f"could not reserve host ports for {name}: too many conflicts")
+
+    async def _execute(self, name: str, deployment: Deployment, the_plan: Plan,
+                       publish_address: str, emit: Emit, created: list[ContainerInfo], *,
+                       timeout: float) -> None:
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            runtime = Runtime(name, deployment, the_plan.instances, publish_address)
+            self.runtimes[name] = runtime
+        runtime.deployment, runtime.publish_address = deployment, publish_address
+        await self._call(self.engine.ensure_network, name)
+        existing = {c.instance: c for c in await self._call(self.engine.owned_containers, name)}
+        for gone in the_plan.remove:
+            runtime.held.add(gone.id)
+            await self._remove_instance(runtime, gone.id, existing.get(gone.id))
+            emit(f"local Container {gone.id} removed")
+        desired = {i.id for i in the_plan.instances}
+        for iid, orphan in existing.items():  # left by a crash mid-deploy, or by hand
+            if iid not in desired:
+                await self._call(self.engine.remove, orphan.id)
+        runtime.instances = the_plan.instances
+        await self._apply_proxies(runtime)  # stop proxies of removed instances first
+        for inst in the_plan.instances:
+            info = existing.get(inst.id)
+            if info is not None and (inst.id in the_plan.recreate
+                                     or info.config_hash != inst.config_hash):
+                runtime.held.add(inst.id)
+                await self._call(self.engine.remove, info.id)
+                info = None
+            if info is None:
+                info = await self._call(self.engine.create_container, name, inst)
+                created.append(info)
+                emit(f"local Container {inst.id} is installed")
+            if info.status != "running":
+                emit(f"local Container {inst.id} starting")
+                runtime.held.discard(inst.id)
+                info = await self._call(self.engine.start, info.id)
+            runtime.held.discard(inst.id)
+            runtime.containers[inst.id] = info
+            self.store.set_instance_state(name, inst.id, state="running", docker_id=info.id)
+        await self._wait_ready(runtime, timeout)
+
+    async def _wait_ready(self, runtime: Runtime, timeout: float) -> None:
+        """Until every instance runs (healthy where checked) and every listener accepts."""
+        deadline = time.monotonic() + timeout
+        pending: list[str] = []
+        while True:
+            for inst in runtime.instances:
+                info = await self._call(self.engine.inspect, runtime.containers[inst.id].id)
+                if info is not None:
+                    runtime.containers[inst.id] = info
+            await self._apply_proxies(runtime)
+            pending = []
+            for inst in runtime.instances:
+                info = runtime.containers.get(inst.id)
+                if info is None or info.status != "running":
+                    pending.append(f"{inst.id} is {info.status if info else 'missing'}")
+                elif inst.healthcheck is not None and info.health != "healthy":
+                    pending.append(f"{inst.id} is {info.health or 'starting'} (health)")
+            if not pending:
+                pending = await self._listeners_not_accepting(runtime)
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise DaemonError(f"deployment {runtime.name} not ready after {timeout:g}s: "
+                                  + "; ".join(pending))
+            await asyncio.sleep(0.2)
+
+    async def _listeners_not_accepting(self, runtime: Runtime) -> list[str]:
+        problems = []
+        for inst in runtime.instances:
+            for port in inst.ports:
+                address = "127.0.0.1" if runtime.publish_address in ("0.0.0.0", "::") \
+                    else runtime.publish_address
+                try:
+                    async with asyncio.timeout(2):
+                        _, writer = await asyncio.open_connection(address, port.external)
+                    writer.close()
+                except (OSError, TimeoutError):
+                    problems.append(f"listener {address}:{port.external} of {inst.id} "
+                                    "does not accept")
+        return problems
+
+    async def _apply_proxies(self, runtime: Runtime) -> None:
+        specs = proxy_specs(runtime.name, runtime.instances, runtime.running(),
+                            publish_address=runtime.publish_address, join_ns_of=self.join_ns_of)
+        prefix = f"{runtime.name}."
+        for key in [k for k in self.supervisor.proxies if k.startswith(prefix)]:
+            if key not in specs:
+                await self.supervisor.stop(key)
+        for spec in specs.values():
+            await self.supervisor.ensure(spec)
+
+    async def _remove_instance(self, runtime: Runtime, instance_id: str,
+                               info: ContainerInfo | None) -> None:
+        if info is not None:
+            await self._call(self.engine.remove, info.id)
+        runtime.containers.pop(instance_id, None)
+
+    async def _roll_back(self, name: str, previous: Any, created: list[ContainerInfo]) -> None:
+        """Undo a failed deploy: remove what it created and give its ports back."""
+        with contextlib.suppress(GearproxyError):
+            for info in created:
+                await self._call(self.engine.remove, info.id)
+        runtime = self.runtimes.get(name)
+        if previous is None:
+            if runtime is not None:
+                runtime.instances = ()
+                runtime.containers.clear()
+                await self._apply_proxies(runtime)
+            self.runtimes.pop(name, None)
+            self.store.delete_deployment(name)
+            with contextlib.suppress(GearproxyError):
+                await self._call(self.engine.remove_network, name)
+            return
+        # An update failed: go back to the previous descriptor's record, which
+        # releases the ports of instances this deploy added.
+        with contextlib.suppress(GearproxyError):
+            old = specmod.parse(previous.descriptor, source=name)
+            old_plan = plan(old, self.store.current_state(name), HOSTS, name=name,
+                            taken={h: self.store.taken_ports(h, exclude=name) for h in HOSTS})
+            self.store.record_deployment(name, previous.descriptor, old_plan.instances,
+                                         [r.id for r in old_plan.remove], status="failed")
+            if runtime is not None:
+                created_ids = {c.instance for c in created}
+                for iid in created_ids:
+                    runtime.containers.pop(iid, None)
+                runtime.instances = old_plan.instances
+                await self._apply_proxies(runtime)
+
+    def _write_state_file(self, name: str, the_plan: Plan, deployment: Deployment) -> None:
+        directory = self.state_dir / "deployments"
+        directory.mkdir(parents=True, exist_ok=True)
+        statefile.write(directory / f"{name}.json", the_plan, deployment)
+
+    # -- verbs -------------------------------------------------------------
+
+    def _resolve(self, target: str) -> tuple[Runtime, list[str]]:
+        if target in self.runtimes:
+            runtime = self.runtimes[target]
+            return runtime, [i.id for i in runtime.instances]
+        for runtime in self.runtimes.values():
+            if runtime.instance(target) is not None:
+                return runtime, [target]
+        raise UsageError(f"no deployment or instance named {target!r} (see `gearproxy list`)")
+
+    async def stop(self, target: str) -> list[str]:
+        runtime, ids = self._resolve(target)
+        async with self.lock(runtime.name):
+            for iid in ids:
+                runtime.held.add(iid)
+                info = runtime.containers.get(iid)
+                if info is not None:
+                    await self._call(self.engine.stop, info.id)
+                    runtime.containers[iid] = await self._refresh(info)
+                self.store.set_instance_state(runtime.name, iid, state="stopped")
+            await self._apply_proxies(runtime)
+        return ids
+
+    async def start(self, target: str, *, restart: bool = False) -> list[str]:
+        runtime, ids = self._resolve(target)
+        async with self.lock(runtime.name):
+            for iid in ids:
+                info = runtime.containers.get(iid)
+                if info is None:
+                    raise DaemonError(f"instance {iid} has no container: run `gearproxy deploy` "
+                                      "again to re-create it")
+                runtime.held.add(iid)
+                if restart:
+                    await self._call(self.engine.stop, info.id)
+                runtime.containers[iid] = await self._call(self.engine.start, info.id)
+                runtime.held.discard(iid)
+                self.store.set_instance_state(runtime.name, iid, state="running")
+            await self._apply_proxies(runtime)
+        return ids
+
+    async def _refresh(self, info: ContainerInfo) -> ContainerInfo:
+        fresh = await self._call(self.engine.inspect, info.id)
+        return fresh if fresh is not None else info
+
+    async def delete(self, name: str) -> bool:
+        async with self.lock(name):
+            runtime = self.runtimes.pop(name, None)
+            if runtime is not None:
+                runtime.held.update(i.id for i in runtime.instances)
+            for key in [k for k in self.supervisor.proxies if k.startswith(f"{name}.")]:
+                await self.supervisor.stop(key)
+            for info in await self._call(self.engine.owned_containers, name):
+                await self._call(self.engine.remove, info.id)
+            await self._call(self.engine.remove_network, name)
+            existed = self.store.delete_deployment(name) or runtime is not None
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / "deployments" / f"{name}.json").unlink()
+            return existed
+
+    # -- status ------------------------------------------------------------
+
+    async def status(self, name: str) -> dict[str, Any]:
+        runtime = self.runtimes.get(name)
+        record = self.store.get_deployment(name)
+        if runtime is None or record is None:
+            raise UsageError(f"no deployment named {name!r} (see `gearproxy list`)")
+        instances = []
+        for inst in runtime.instances:
+            info = runtime.containers.get(inst.id)
+            instances.append({
+                "id": inst.id, "container": inst.container, "image": inst.image,
+                "state": info.status if info else "missing",
+                "health": info.health if info else None,
+                "address": info.address if info else None,
+                "held": inst.id in runtime.held,
+                "ports": [{"internal": p.internal, "external": p.external} for p in inst.ports],
+            })
+        proxies, links = [], []
+        for key, proxy in sorted(self.supervisor.proxies.items()):
+            if not key.startswith(f"{name}."):
+                continue
+            summary = proxy.summary()
+            summary["stats"] = await self.supervisor.stats(key)
+            proxies.append(summary)
+        running = runtime.running()
+        for inst in runtime.instances:
+            for link in inst.links:
+                up = link.source in running and link.target in running
+                links.append({
+                    "source": link.source, "target": link.target,
+                    "listen": host_address(link.listen_host, link.listen_port),
+                    "target_port": link.target_internal,
+                    "host_port": link.target_host_port,
+                    "state": "up" if up else "down",
+                })
+        return {"name": name, "status": record.status, "instances": instances,
+                "links": links, "proxies": proxies}
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.store.deployment_names():
+            record = self.store.get_deployment(name)
+            runtime = self.runtimes.get(name)
+            out.append({"name": name, "status": record.status if record else "unknown",
+                        "instances": len(runtime.instances) if runtime else 0,
+                        "running": len(runtime.running()) if runtime else 0})
+        return out
+
+    # -- reconcile and events ---------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Adopt what a previous daemon left: proxies, containers, deployments."""
+        await self.supervisor.adopt_existing()
+        known = set()
+        for name in self.store.deployment_names():
+            record = self.store.get_deployment(name)
+            if record is None:
+                continue
+            known.add(name)
+            try:
+                deployment = specmod.parse(record.descriptor, source=name)
+                the_plan = plan(deployment, self.store.current_state(name), HOSTS, name=name,
+                                taken={h: self.store.taken_ports(h, exclude=name) for h in HOSTS})
+            except GearproxyError as exc:
+                log.error("reconcile_failed", deployment=name, error=str(exc))
+                continue
+            runtime = Runtime(name, deployment, the_plan.instances, self.publish_address)
+            self.runtimes[name] = runtime
+            stopped = {r.id for r in self.store.instances(name) if r.state == "stopped"}
+            runtime.held.update(stopped)
+            for owned in await self._call(self.engine.owned_containers, name):
+                runtime.containers[owned.instance] = owned
+            async with self.lock(name):
+                for inst in runtime.instances:
+                    info = runtime.containers.get(inst.id)
+                    if (info is not None and info.status != "running"
+                            and inst.id not in stopped and inst.restart == "always"):
+                        with contextlib.suppress(GearproxyError):
+                            runtime.containers[inst.id] = await self._call(
+                                self.engine.start, info.id)
+                await self._apply_proxies(runtime)
+        for key in list(self.supervisor.proxies):
+            if key.split(".", 1)[0] not in known:
+                await self.supervisor.stop(key)
+
+    async def on_event(self, event: EngineEvent) -> None:
+        runtime = self.runtimes.get(event.deployment)
+        if runtime is None or runtime.instance(event.instance) is None:
+            return
+        async with self.lock(runtime.name):
+            iid = event.instance
+            info = await self._call(self.engine.inspect, event.container_id)
+            current = runtime.containers.get(iid)
+            if current is not None and current.id != event.container_id:
+                return  # an event of a container this instance no longer uses
+            if info is None:
+                runtime.containers.pop(iid, None)
+            else:
+                runtime.containers[iid] = info
+            await self._apply_proxies(runtime)
+            if event.action == "die" and info is not None and info.status != "running":
+                self._maybe_restart(runtime, iid, info)
+
+    def _maybe_restart(self, runtime: Runtime, iid: str, info: ContainerInfo) -> None:
+        inst = runtime.instance(iid)
+        if inst is None or iid in runtime.held:
+            return
+        if inst.restart == "no" or (inst.restart == "on-failure" and info.exit_code == 0):
+            return
+        attempt = runtime.restarts.get(iid, 0)
+        runtime.restarts[iid] = attempt + 1
+        delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+        log.info("instance_restarting", deployment=runtime.name, instance=iid, delay=delay)
+        task = asyncio.get_running_loop().create_task(self._restart_later(runtime, iid, delay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart_later(self, runtime: Runtime, iid: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with self.lock(runtime.name):
+            info = runtime.containers.get(iid)
+            current = self.runtimes.get(runtime.name)
+            if info is None or iid in runtime.held or current is not runtime:
+                return
+            try:
+                runtime.containers[iid] = await self._call(self.engine.start, info.id)
+            except GearproxyError as exc:
+                log.error("instance_restart_failed", instance=iid, error=str(exc))
+                return
+            await self._apply_proxies(runtime)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
