@@ -101,15 +101,23 @@ def _ensure_daemon(client: ApiClient) -> None:
         if child.poll() is not None:
             break
         time.sleep(0.1)
+    if child.poll() is None:  # alive but silent: do not leave it holding the state dir
+        child.terminate()
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
     tail = logfile.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-    raise DaemonError(f"gearproxy daemon did not start: {tail[0][-300:]} (log: {logfile})")
+    reason = tail[0].removeprefix("gearproxy: error: ")[-300:]
+    raise DaemonError(f"gearproxy daemon did not start: {reason} (log: {logfile})")
 
 
 # -- commands ------------------------------------------------------------------------
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
 @click.option("--name", help="Deployment name (default: the file name without .json).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; touch neither Docker nor state.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
@@ -121,8 +129,9 @@ def deploy(file: Path, name: str | None, dry_run: bool, timeout: float,
            publish_address: str | None, as_json: bool) -> None:
     """Deploy the containers and links described in FILE."""
     deployment = spec.load(file)
-    name = name or spec.deployment_name(file)
-    if name is not None and not re.fullmatch(spec.NAME_PATTERN, name):
+    if name is None:
+        name = spec.deployment_name(file)
+    if not re.fullmatch(spec.NAME_PATTERN, name):
         raise UsageError(f"--name: {name!r} must match {spec.NAME_PATTERN}")
     if dry_run:
         the_plan = _dry_plan(name, deployment)
@@ -222,8 +231,7 @@ _verb("restart", "Restart a deployment's instances (NAME) or one INSTANCE.")
 def delete(name: str, as_json: bool) -> None:
     """Delete deployment NAME: containers, network, proxies, port reservations and state."""
     client = _client()
-    if not client.ping():
-        _ensure_daemon(client)
+    _ensure_daemon(client)  # the daemon owns clean-up, so delete works without one running
     result = client.request("delete", name=name, timeout=300)
     if as_json:
         _emit_json({"name": name, **result})
