@@ -1,0 +1,1 @@
+"""Side-by-side load test of the forwarding hot path; run with `python -m bench`."""
