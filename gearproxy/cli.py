@@ -109,7 +109,7 @@ def _ensure_daemon(client: ApiClient) -> None:
             child.kill()
             child.wait()
     tail = logfile.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-    reason = tail[0].removeprefix("gearproxy: error: ")[-300:]
+    reason = tail[0].removeprefix("gearproxy: error: ")[:300]
     raise DaemonError(f"gearproxy daemon did not start: {reason} (log: {logfile})")
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gearproxy import __version__, systemd
-from gearproxy.engine import Engine, EngineEvent
+from gearproxy import __version__, rootless, systemd
+from gearproxy.engine import Engine, EngineEvent, EngineInfo
 from gearproxy.errors import DaemonError, GearproxyError, UsageError
 from gearproxy.log import get_logger
 from gearproxy.orchestrator.api import ApiClient, ApiServer, Emit, socket_path
@@ -42,6 +42,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._events_stop = threading.Event()
         self.lifecycle: Lifecycle | None = None
+        self._engine: Engine | None = None
+        self._rootless = False
 
     async def run(self) -> None:
         state_dir = self.config.state_dir
@@ -52,7 +54,8 @@ class Daemon:
         store = Store.open(state_dir)
         engine = await asyncio.to_thread(Engine.connect)
         info = await asyncio.to_thread(engine.info)
-        join_ns_of = rootless_pid(info) if info.rootless else None
+        self._engine, self._rootless = engine, info.rootless
+        join_ns_of = await asyncio.to_thread(rootless_pid, info) if info.rootless else None
         supervisor = Supervisor(state_dir / "proxies")
         lifecycle = Lifecycle(store, engine, supervisor, state_dir,
                               publish_address=self.config.publish_address, join_ns_of=join_ns_of)
@@ -124,6 +127,8 @@ class Daemon:
             descriptor, name = request.get("descriptor"), request.get("name")
             if not isinstance(descriptor, str) or not isinstance(name, str):
                 raise UsageError("deploy needs 'descriptor' and 'name' strings")
+            if self._rootless:  # again: the engine may have restarted (new pid) or changed
+                lifecycle.join_ns_of = await asyncio.to_thread(self._rootless_pid)
             return await lifecycle.deploy(
                 name, descriptor, timeout=float(request.get("timeout") or 120), emit=emit,
                 publish_address=request.get("publish_address"))
@@ -147,14 +152,14 @@ class Daemon:
             return {"deleted": await lifecycle.delete(name)}
         raise UsageError(f"unknown op {op!r}")
 
+    def _rootless_pid(self) -> int:
+        assert self._engine is not None
+        return rootless_pid(self._engine.info())
 
-def rootless_pid(info: Any) -> int:
-    """The pid whose namespaces hold a rootless engine's containers (its dockerd)."""
-    pid_file = getattr(info, "pid_file", None)
-    if not pid_file:
-        raise DaemonError("rootless engine: cannot find docker.pid (set XDG_RUNTIME_DIR to the "
-                          "engine's runtime directory)")
-    try:
-        return int(Path(pid_file).read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise DaemonError(f"rootless engine: cannot read {pid_file}: {exc}") from exc
+
+def rootless_pid(info: EngineInfo) -> int:
+    """The pid whose user and network namespaces hold a rootless engine's containers (its
+    dockerd), after `rootless.preflight` checked that the proxies will be able to join them.
+    Raises EngineError/DaemonError with one line saying what is missing and how to fix it.
+    Blocking (runs a probe process)."""
+    return rootless.preflight(info)
