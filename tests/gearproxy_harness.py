@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import pytest
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0,
@@ -146,3 +148,11 @@ def http_get(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> str:
         while chunk := sock.recv(65536):
             data += chunk
     return data.decode(errors="replace")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose prerequisite is missing on a developer machine; fail it under CI,
+    whose machine must have everything (a skipped test there would hide a broken CI)."""
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"{reason} (CI=true: prerequisites must be present)", pytrace=False)
+    pytest.skip(reason)
