@@ -144,8 +144,8 @@ def deploy(file: Path, name: str | None, dry_run: bool, timeout: float,
     client = _client()
     _ensure_daemon(client)
     result = client.request(
-        "deploy", progress=_progress, timeout=timeout + 60, descriptor=file.read_text(),
-        name=name, publish_address=publish_address, timeout_s=timeout)
+        "deploy", progress=_progress, wait=timeout + 60, descriptor=file.read_text(),
+        name=name, publish_address=publish_address, timeout=timeout)
     if as_json:
         _emit_json(result)
     else:
@@ -212,7 +212,7 @@ def _verb(op: str, doc: str) -> None:
     @click.argument("target")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
     def command(target: str, as_json: bool) -> None:
-        ids = _client().request(op, target=target, timeout=300)
+        ids = _client().request(op, target=target, wait=300)
         if as_json:
             _emit_json({"op": op, "instances": ids})
         else:
@@ -232,7 +232,7 @@ def delete(name: str, as_json: bool) -> None:
     """Delete deployment NAME: containers, network, proxies, port reservations and state."""
     client = _client()
     _ensure_daemon(client)  # the daemon owns clean-up, so delete works without one running
-    result = client.request("delete", name=name, timeout=300)
+    result = client.request("delete", name=name, wait=300)
     if as_json:
         _emit_json({"name": name, **result})
     else:

@@ -112,10 +112,13 @@ class ApiClient:
         self.path = path
 
     def request(self, op: str, *, progress: Emit | None = None,
-                timeout: float | None = 30.0, **fields: Any) -> Any:
-        """Send a request; call `progress` per progress line; return the result or raise."""
+                wait: float | None = 30.0, **fields: Any) -> Any:
+        """Send a request; call `progress` per progress line; return the result or raise.
+
+        `wait` bounds each read from the socket (the request's own fields, such as a
+        deploy's `timeout`, travel in `fields`)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+        sock.settimeout(wait)
         try:
             try:
                 sock.connect(str(self.path))
@@ -140,14 +143,14 @@ class ApiClient:
                     raise err
         except TimeoutError as exc:
             raise DaemonError(f"gearproxy daemon on {self.path} did not answer "
-                              f"within {timeout:g}s") from exc
+                              f"within {wait:g}s") from exc
         finally:
             sock.close()
         raise DaemonError(f"gearproxy daemon on {self.path} closed the connection without a reply")
 
     def ping(self) -> bool:
         try:
-            self.request("ping", timeout=2.0)
+            self.request("ping", wait=2.0)
         except GearproxyError:
             return False
         return True
