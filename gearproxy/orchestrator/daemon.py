@@ -44,8 +44,11 @@ class Daemon:
         self.lifecycle: Lifecycle | None = None
         self._engine: Engine | None = None
         self._rootless = False
+        self.notifier: systemd.Notifier | None = None
 
     async def run(self) -> None:
+        # First, so that no proxy spawned during reconcile inherits NOTIFY_SOCKET.
+        notifier = self.notifier = systemd.Notifier(unset=True)
         state_dir = self.config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         client = ApiClient(socket_path(state_dir))
@@ -67,7 +70,6 @@ class Daemon:
         server = ApiServer(socket_path(state_dir), self.handle)
         await server.start()
         events = loop.create_task(self._watch_events(engine, lifecycle))
-        notifier = systemd.Notifier()
         await notifier.start()
         notifier.ready(self._summary(lifecycle))
         log.info("daemon_ready", pid=os.getpid(), socket=str(server.path),
@@ -118,6 +120,15 @@ class Daemon:
                           instance=event.instance, error=str(exc))
 
     async def handle(self, request: dict[str, Any], emit: Emit) -> Any:
+        """Serve one API request; after a change, refresh systemd's one-line STATUS."""
+        try:
+            return await self._dispatch(request, emit)
+        finally:
+            if request.get("op") not in ("ping", "status", "list") and self.notifier:
+                assert self.lifecycle is not None
+                self.notifier.status(self._summary(self.lifecycle))
+
+    async def _dispatch(self, request: dict[str, Any], emit: Emit) -> Any:
         lifecycle = self.lifecycle
         assert lifecycle is not None
         op = request["op"]

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -117,7 +116,7 @@ class SupervisedProxy:
     restarts: int = 0
     crashes: int = 0  # consecutive quick exits, for the back-off
     started_at: float = 0.0
-    popen: subprocess.Popen[bytes] | None = None
+    child: bool = False  # ours to reap (spawned), or adopted from a previous daemon
     pidfd: int = -1
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     restart_task: asyncio.Task[None] | None = None
@@ -279,8 +278,8 @@ class Supervisor:
     async def _spawn(self, proxy: SupervisedProxy) -> None:
         with contextlib.suppress(FileNotFoundError):
             proxy.control.unlink()
-        proxy.popen = self._popen(_without_missing_namespaces(proxy.spec), proxy.control)
-        proxy.pid = proxy.popen.pid
+        proxy.pid = self._popen(_without_missing_namespaces(proxy.spec), proxy.control)
+        proxy.child = True
         proxy.pidfd = os.pidfd_open(proxy.pid)
         proxy.state = "starting"
         proxy.started_at = time.monotonic()
@@ -289,13 +288,21 @@ class Supervisor:
         self._watch(proxy)
         await self._wait_ready(proxy)
 
-    def _popen(self, spec: ProxySpec, control: Path) -> subprocess.Popen[bytes]:
-        """Start the process in its own session (it outlives the daemon), logging to a file."""
-        with open(self._path(spec.key, ".log"), "ab") as logfile:
-            return subprocess.Popen(
-                spec.argv(control), stdin=subprocess.DEVNULL, stdout=logfile,
-                stderr=logfile, start_new_session=True, close_fds=True,
-            )
+    def _popen(self, spec: ProxySpec, control: Path) -> int:
+        """Start the process in its own session (it outlives the daemon), logging to a file.
+
+        posix_spawn rather than subprocess.Popen: a Popen object would insist on
+        owning the child until it exits, but these children are meant to outlive
+        us; we reap them ourselves when their pidfd says they ended.  (Python opens
+        every descriptor close-on-exec, so the child inherits only 0, 1 and 2.)"""
+        argv = spec.argv(control)
+        with open(self._path(spec.key, ".log"), "ab") as logfile, \
+                open(os.devnull, "rb") as devnull:
+            return os.posix_spawn(argv[0], argv, dict(os.environ), setsid=True, file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull.fileno(), 0),
+                (os.POSIX_SPAWN_DUP2, logfile.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, logfile.fileno(), 2),
+            ])
 
     async def _wait_ready(self, proxy: SupervisedProxy) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -336,9 +343,11 @@ class Supervisor:
     def _on_exit(self, proxy: SupervisedProxy) -> None:
         self._unwatch(proxy)
         code: int | None = None
-        if proxy.popen is not None:
-            code = proxy.popen.wait()
-            proxy.popen = None
+        if proxy.child:
+            with contextlib.suppress(ChildProcessError):
+                _, status = os.waitpid(proxy.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+            proxy.child = False
         proxy.exited.set()
         if proxy.state in ("stopped", "stopping") or self._closing:
             return
