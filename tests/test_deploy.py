@@ -295,3 +295,21 @@ def test_host_port_bound_by_a_foreign_process_is_an_error(
     assert f"host port {port}" in proc.stderr
     assert not docker_client.containers.list(
         all=True, filters={"label": "io.gearproxy.deployment=busy"})
+
+
+def test_explicit_port_of_another_deployment_is_an_error_naming_it(
+        gp: Gearproxy, tmp_path: Path, docker_client: docker.DockerClient,
+        busybox_image: str) -> None:
+    """Two deployments asking for the same explicit public port: the second fails in one
+    line naming the first, and creates nothing."""
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    deploy(gp, write(tmp_path, "own", descriptor(busybox_image, web_port=port)))
+    proc = gp.run("deploy", str(write(tmp_path, "thief", descriptor(busybox_image,
+                                                                     web_port=port))))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"host port {port}" in last and "'own'" in last
+    assert not docker_client.containers.list(
+        all=True, filters={"label": "io.gearproxy.deployment=thief"})

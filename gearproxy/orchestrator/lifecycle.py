@@ -142,15 +142,15 @@ class Lifecycle:
             current = self.store.current_state(name)
             taken = {h: self.store.taken_ports(h, exclude=name) | busy for h in HOSTS}
             the_plan = plan(deployment, current, HOSTS, name=name, taken=taken)
-            explicit = {(p.internal, p.external) for i in the_plan.instances
-                        for p in i.ports if p.explicit}
-            fresh = [port for _, port in the_plan.new_ports() if not port_is_free("local", port)]
+            explicit = {p.external for i in the_plan.instances for p in i.ports if p.explicit}
             kept = {p.external for c in current.instances for p in c.ports}
-            for inst in the_plan.instances:
-                for p in inst.ports:
-                    if (p.explicit and p.external not in kept
-                            and not port_is_free("local", p.external)):
-                        raise PortConflictError("local", p.external, None)
+            for port in sorted(explicit - kept):
+                owner = self.store.port_owner("local", port)
+                if owner is not None and owner != name:
+                    raise PortConflictError("local", port, owner)
+                if not port_is_free("local", port):
+                    raise PortConflictError("local", port, None)
+            fresh = [port for _, port in the_plan.new_ports() if not port_is_free("local", port)]
             if fresh:
                 busy.update(fresh)
                 continue
@@ -158,7 +158,7 @@ class Lifecycle:
                 self.store.record_deployment(name, descriptor, the_plan.instances,
                                              [r.id for r in the_plan.remove], status="deploying")
             except PortConflictError as exc:
-                if (exc.port in {e for _, e in explicit}) or exc.owner is None:
+                if exc.port in explicit or exc.owner is None:
                     raise
                 busy.add(exc.port)
                 continue
