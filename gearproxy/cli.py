@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import click
 
-from gearproxy import __version__, plan, spec
+from gearproxy import __version__, plan, planview, spec
 from gearproxy.config import state_dir
 from gearproxy.errors import DaemonError, GearproxyError, UsageError
 from gearproxy.orchestrator.api import ApiClient, socket_path
@@ -136,9 +136,9 @@ def deploy(file: Path, name: str | None, dry_run: bool, timeout: float,
     if dry_run:
         the_plan = _dry_plan(name, deployment)
         if as_json:
-            _emit_json(plan.to_json(the_plan))
+            _emit_json(planview.to_json(the_plan))
         else:
-            for line in plan.describe(the_plan):
+            for line in planview.describe(the_plan):
                 click.echo(line)
         return
     client = _client()

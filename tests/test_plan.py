@@ -19,10 +19,9 @@ from gearproxy.plan import (
     Plan,
     PortMapping,
     config_hash,
-    describe,
     plan,
-    to_json,
 )
+from gearproxy.planview import describe, to_json
 from gearproxy.spec import (
     Container,
     Deployment,

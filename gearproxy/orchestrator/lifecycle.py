@@ -48,7 +48,8 @@ from gearproxy.errors import DaemonError, GearproxyError, PortConflictError, Usa
 from gearproxy.log import get_logger
 from gearproxy.orchestrator.supervisor import Supervisor
 from gearproxy.orchestrator.wiring import Running, host_address, proxy_specs
-from gearproxy.plan import InstancePlan, Plan, describe, plan
+from gearproxy.plan import InstancePlan, Plan, plan
+from gearproxy.planview import describe
 from gearproxy.ports import port_is_free
 from gearproxy.spec import Deployment
 from gearproxy.store import Store
