@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import docker
 import docker.auth
@@ -45,6 +45,7 @@ import docker.types
 import docker.utils
 import requests
 
+from gearproxy.engine_stream import SDK_ERRORS, Stream, one_line, reason
 from gearproxy.errors import EngineError
 from gearproxy.log import get_logger
 from gearproxy.plan import InstancePlan
@@ -125,41 +126,6 @@ def netns_path(info: ContainerInfo) -> str:
     return f"/proc/{info.pid}/ns/net"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _reason(exc: BaseException) -> str:
-    """A short reason for an SDK / requests / socket failure: the innermost OS error if any."""
-    if isinstance(exc, docker.errors.APIError):
-        explanation = exc.explanation
-        text = explanation.decode(errors="replace") if isinstance(explanation, bytes) else (
-            explanation or str(exc))
-        return _one_line(str(text))
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        cur = todo.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.strerror:
-            return _one_line(cur.strerror)
-        if isinstance(cur, (TimeoutError, requests.exceptions.Timeout)):
-            return "timed out"
-        todo.extend(a for a in cur.args if isinstance(a, BaseException))
-        for nxt in (cur.__cause__, cur.__context__, getattr(cur, "reason", None)):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-    return _one_line(str(exc)) or type(exc).__name__
-
-
-_SDK_ERRORS: tuple[type[BaseException], ...] = (
-    docker.errors.DockerException, requests.exceptions.RequestException, OSError)
-#: A read racing a close may also see its file closed under it (ValueError).
-_STREAM_ERRORS: tuple[type[BaseException], ...] = (*_SDK_ERRORS, ValueError)
-
-
 def _host_from_context(env: Mapping[str, str]) -> str | None:
     """The Docker CLI's current context endpoint, as `docker context use` set it."""
     config_dir = Path(env.get("DOCKER_CONFIG") or Path(env.get("HOME") or Path.home()) / ".docker")
@@ -179,7 +145,7 @@ def _host_from_context(env: Mapping[str, str]) -> str | None:
         host = meta["Endpoints"]["docker"]["Host"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EngineError(f"Docker context {name!r} cannot be read from {meta_path}: "
-                          f"{_reason(exc)} (run `docker context use default` or set "
+                          f"{reason(exc)} (run `docker context use default` or set "
                           "DOCKER_HOST)") from None
     return str(host) if host else None
 
@@ -189,107 +155,6 @@ def _client_kwargs(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("DOCKER_HOST"):
         return dict(docker.utils.kwargs_from_env(environment=dict(env)))
     return {"base_url": _host_from_context(env) or DEFAULT_HOST}
-
-
-class Stream(Generic[T]):
-    """An iterator over an open engine response that any thread may `close()`.
-
-    Closing ends the iteration quietly.  A stream the engine ends on its own
-    (engine restarted, connection lost) raises `EngineError`, so a watcher
-    knows to reconnect (with `since=` the last event's time).  `close()` only
-    shuts the socket down while another thread reads; the reader then releases
-    the response, so no thread closes a file another one is reading.
-    """
-
-    def __init__(self, raw: Any, parse: Callable[[Any], T | None], what: str,
-                 stop: threading.Event | None = None, *, ends: bool = False) -> None:
-        self._raw = raw
-        self._parse = parse
-        self._what = what
-        self._ends = ends
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._reading = False
-        self._released = False
-        if stop is not None:
-            threading.Thread(target=self._watch, args=(stop,), daemon=True,
-                             name=f"gearproxy-stop-{what}").start()
-
-    def _watch(self, stop: threading.Event) -> None:
-        # Poll both events so this thread ends with the stream even if `stop` never fires.
-        while not self._closed.is_set():
-            if stop.wait(0.1):
-                self.close()
-                return
-
-    def __iter__(self) -> Stream[T]:
-        return self
-
-    def __next__(self) -> T:
-        while True:
-            item = self._read()
-            parsed = self._parse(item)
-            if parsed is not None:
-                return parsed
-
-    def _read(self) -> Any:
-        with self._lock:
-            if self._closed.is_set():
-                self._release()
-                raise StopIteration
-            self._reading = True
-        try:
-            return next(self._raw)
-        except StopIteration:
-            if self._closed.is_set() or self._ends:
-                self._closed.set()
-                raise
-            self._closed.set()
-            raise EngineError(f"the Docker engine ended the {self._what} stream "
-                              "(engine restarted?): reconnect") from None
-        except _STREAM_ERRORS as exc:
-            if self._closed.is_set():
-                raise StopIteration from None
-            self._closed.set()
-            raise EngineError(f"the {self._what} stream failed: {_reason(exc)}") from None
-        finally:
-            with self._lock:
-                self._reading = False
-                if self._closed.is_set():
-                    self._release()
-
-    def _release(self) -> None:
-        """Close the response (and so its socket); called with the lock held, by one thread."""
-        if self._released:
-            return
-        self._released = True
-        response = getattr(self._raw, "_response", None)
-        try:
-            if response is not None:
-                response.close()
-        except Exception:  # already gone: releasing is best effort
-            _log.debug("stream_release_failed", stream=self._what)
-
-    def close(self) -> None:
-        """End the stream; safe from any thread, and more than once."""
-        with self._lock:
-            if self._closed.is_set() and self._released:
-                return
-            self._closed.set()
-            reading = self._reading
-            if not reading:
-                self._release()
-        if reading:
-            try:  # wake the reader: shut the socket down under it
-                self._raw.close()
-            except Exception:  # the socket may already be gone: closing is best effort
-                _log.debug("stream_close_failed", stream=self._what)
-
-    def __enter__(self) -> Stream[T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _parse_event(raw: Any) -> EngineEvent | None:
@@ -370,8 +235,8 @@ class Engine:
                     probe.settimeout(timeout)
                     probe.connect(host.removeprefix("unix://"))
             api = docker.APIClient(timeout=timeout, **kwargs)
-        except _SDK_ERRORS as exc:
-            raise EngineError(f"Docker engine at {host} does not answer: {_reason(exc)} "
+        except SDK_ERRORS as exc:
+            raise EngineError(f"Docker engine at {host} does not answer: {reason(exc)} "
                               "(is dockerd running? is DOCKER_HOST right?)") from None
         return cls(api, host, kwargs, pull_timeout=pull_timeout)
 
@@ -390,8 +255,8 @@ class Engine:
     def _fail(self, what: str, exc: BaseException, todo: str = "") -> EngineError:
         if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
             return EngineError(f"{what}: Docker engine at {self._host} does not answer: "
-                               f"{_reason(exc)} (is dockerd running?)")
-        return EngineError(f"{what}: {_reason(exc)}" + (f" ({todo})" if todo else ""))
+                               f"{reason(exc)} (is dockerd running?)")
+        return EngineError(f"{what}: {reason(exc)}" + (f" ({todo})" if todo else ""))
 
     # -- engine ------------------------------------------------------------------------------
 
@@ -400,7 +265,7 @@ class Engine:
         try:
             version = self._api.version()
             info = self._api.info()
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail("cannot read the engine's info", exc) from None
         options = [str(o) for o in info.get("SecurityOptions") or ()]
         rootless = any("name=rootless" in opt.split(",") for opt in options)
@@ -442,7 +307,7 @@ class Engine:
             self._api.inspect_image(image)
         except docker.errors.NotFound:
             return False
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail(f"cannot inspect image {image}", exc) from None
         return True
 
@@ -454,7 +319,7 @@ class Engine:
         try:
             registry, _ = docker.auth.resolve_repository_name(repo)
             auth = docker.auth.get_config_header(self._api, registry)
-        except _SDK_ERRORS:
+        except SDK_ERRORS:
             auth = None
         if auth:
             headers["X-Registry-Auth"] = auth
@@ -472,13 +337,13 @@ class Engine:
                     raise EngineError(f"pull did not finish within {timeout:g}s")
                 message = json.loads(line) if line else {}
                 if isinstance(message, dict) and message.get("error"):
-                    raise EngineError(_one_line(str(message["error"])))
+                    raise EngineError(one_line(str(message["error"])))
         except ValueError as exc:
             raise EngineError(f"unreadable pull progress: {exc}") from None
         except requests.exceptions.Timeout:
             raise EngineError(f"no registry answered within {timeout:g}s") from None
-        except _SDK_ERRORS as exc:
-            raise EngineError(_reason(exc)) from None
+        except SDK_ERRORS as exc:
+            raise EngineError(reason(exc)) from None
         finally:
             if response is not None:
                 response.close()
@@ -508,7 +373,7 @@ class Engine:
                 for net in self._networks(name):
                     return str(net["Id"])
             raise self._fail(f"cannot create network {name}", exc) from None
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail(f"cannot create network {name}", exc) from None
 
     def remove_network(self, deployment: str) -> None:
@@ -523,7 +388,7 @@ class Engine:
         except docker.errors.APIError as exc:
             raise self._fail(f"cannot remove network {name}", exc,
                              "remove the containers still attached to it first") from None
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail(f"cannot remove network {name}", exc) from None
 
     # -- containers --------------------------------------------------------------------------
@@ -533,7 +398,7 @@ class Engine:
             return dict(self._api.inspect_container(ref))
         except docker.errors.NotFound:
             return None
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail(f"cannot inspect container {ref}", exc) from None
 
     def inspect(self, container_id_or_name: str) -> ContainerInfo | None:
@@ -565,7 +430,7 @@ class Engine:
                     raise EngineError(f"container {name}: image {inst.image} is not present: "
                                       "pull or build it first") from None
                 raise self._fail(f"cannot create container {name}", exc) from None
-            except _SDK_ERRORS as exc:
+            except SDK_ERRORS as exc:
                 raise self._fail(f"cannot create container {name}", exc) from None
             _log.info("container_created", container=name, id=created[:12])
             info = self.inspect(created)
@@ -621,7 +486,7 @@ class Engine:
         except docker.errors.NotFound:
             raise EngineError(f"cannot {verb} container {ref}: it does not exist "
                               "(redeploy to recreate it)") from None
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail(f"cannot {verb} container {ref}", exc) from None
 
     def _current(self, ref: str) -> ContainerInfo:
@@ -657,10 +522,10 @@ class Engine:
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:
-            if exc.status_code == 409 and "already in progress" in _reason(exc):
+            if exc.status_code == 409 and "already in progress" in reason(exc):
                 return
             raise self._fail(f"cannot remove container {container_id}", exc) from None
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail(f"cannot remove container {container_id}", exc) from None
 
     def owned_containers(self, deployment: str | None = None) -> list[ContainerInfo]:
@@ -668,7 +533,7 @@ class Engine:
         label = LABEL_DEPLOYMENT if deployment is None else f"{LABEL_DEPLOYMENT}={deployment}"
         try:
             listed = self._api.containers(all=True, filters={"label": label})
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail("cannot list gearproxy's containers", exc) from None
         found = (self.inspect(str(c["Id"])) for c in listed)
         return sorted((i for i in found if i is not None), key=lambda i: i.name)
@@ -705,7 +570,7 @@ class Engine:
         try:
             raw = self._api.events(since=f"{since:.9f}" if since is not None else None,
                                    filters=filters, decode=True)
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail("cannot watch the engine's events", exc) from None
         return Stream(raw, _parse_event, "event", stop)
 
@@ -726,7 +591,7 @@ class Engine:
         except docker.errors.NotFound:
             raise EngineError(f"no logs for container {container_id}: it does not exist") \
                 from None
-        except _SDK_ERRORS as exc:
+        except SDK_ERRORS as exc:
             raise self._fail(f"cannot read logs of container {container_id}", exc) from None
         return Stream(raw, lambda chunk: bytes(chunk) or None, "log", ends=True)
 
