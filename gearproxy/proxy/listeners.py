@@ -57,6 +57,15 @@ class Listener:
         self.active = False
         self.closed = False
         self._paused: asyncio.TimerHandle | None = None
+        # Linux copies TCP_NODELAY from a listening socket to the sockets it accepts:
+        # set it once here, check it on the first accepted socket, and only fall back
+        # to one setsockopt per connection if it did not carry over.
+        self._nodelay_each = True
+        self._nodelay_checked = False
+        try:
+            sock.setsockopt(*_NODELAY)
+        except OSError:
+            self._nodelay_checked = True
 
     @property
     def bound(self) -> str:
@@ -98,8 +107,22 @@ class Listener:
                 # ECONNABORTED and friends: that one connection is gone; keep going
                 return
             conn.setblocking(False)
-            conn.setsockopt(*_NODELAY)
+            if self._nodelay_each:
+                if self._nodelay_checked:
+                    conn.setsockopt(*_NODELAY)
+                else:
+                    self._first_accepted(conn)
             handler(conn, self)
+
+    def _first_accepted(self, conn: socket.socket) -> None:
+        self._nodelay_checked = True
+        try:
+            inherited = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        except OSError:
+            inherited = False
+        self._nodelay_each = not inherited
+        if not inherited:
+            conn.setsockopt(*_NODELAY)
 
     def _unpause(self) -> None:
         self._paused = None

@@ -47,6 +47,7 @@ from gearproxy.proxy.pool import Backend, Pool
 from gearproxy.proxy.splice import PipePool, SpliceRelay, splice_works
 
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _logger = log.get_logger("gearproxy.proxy")
 
 
@@ -98,10 +99,10 @@ class _Connect:
             backend = cands[self.idx]
             self.idx += 1
             try:
-                sock = socket.socket(backend.family, socket.SOCK_STREAM)
+                # SOCK_NONBLOCK: non-blocking from birth, no ioctl per connection.
+                sock = socket.socket(backend.family, _STREAM_NONBLOCK)
             except OSError:
                 break                                  # out of descriptors: give up now
-            sock.setblocking(False)
             sock.setsockopt(*_NODELAY)
             self.t0 = loop.time()
             err = sock.connect_ex(backend.sockaddr)

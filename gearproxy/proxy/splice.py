@@ -188,6 +188,10 @@ class _Pump:
         self.loop.remove_reader(self.sfd)
         self._release()
         self.done = True
+        if self.relay.other_done(self):
+            # Both directions ended: close() sends the FIN, a shutdown would be one more syscall.
+            self.relay.pump_done()
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -247,6 +251,9 @@ class SpliceRelay:
         # A short-lived client has usually sent its request by the time the backend
         # answered the connect: forward it now rather than after another loop turn.
         self.up.readable()
+
+    def other_done(self, pump: _Pump) -> bool:
+        return (self.down if pump is self.up else self.up).done
 
     def pump_done(self) -> None:
         if self.up.done and self.down.done:
