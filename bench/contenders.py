@@ -192,7 +192,9 @@ class Gearproxy(Contender):
             import gearproxy
         except ImportError:
             return "unknown"
-        return str(getattr(gearproxy, "__version__", "unknown"))
+        # Say which checkout is measured: an editable install may point elsewhere.
+        where = Path(gearproxy.__file__).resolve().parent.parent
+        return f"{getattr(gearproxy, '__version__', 'unknown')} ({where})"
 
     def start(self, target: Addr, logdir: Path, *, tag: str = "",
               probe: Probe = echo_probe) -> Instance:
