@@ -245,14 +245,13 @@ def delete(name: str, as_json: bool) -> None:
 @click.option("--tail", default="all", show_default=True, help="Lines from the end to show.")
 def logs(instance: str, follow: bool, tail: str) -> None:
     """Print the output of INSTANCE's container."""
-    from gearproxy.engine import LABEL_INSTANCE, Engine
+    from gearproxy.engine import Engine
 
     engine = Engine.connect()
     matches = [c for c in engine.owned_containers() if c.instance == instance]
     if not matches:
         raise UsageError(f"no container for instance {instance!r} (see `gearproxy status`)")
     out = click.get_binary_stream("stdout")
-    del LABEL_INSTANCE
     for chunk in engine.logs(matches[0].id, follow=follow,
                              tail=int(tail) if tail.isdigit() else "all"):
         out.write(chunk)

@@ -107,8 +107,12 @@ CREATE TABLE links (
 );
 """
 
+#: v2: the address a deployment's public ports listen on (`deploy --publish-address`), so a
+#: restarted daemon keeps local-only ports local.  NULL: the daemon's default.
+_SCHEMA_V2 = "ALTER TABLE deployments ADD COLUMN publish_address TEXT"
+
 #: Schema migrations, in order; `user_version` counts the applied ones.
-MIGRATIONS: list[Migration] = [_SCHEMA_V1]
+MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2]
 
 
 class PortClaimLike(Protocol):
@@ -139,13 +143,14 @@ class PortClaim:
 
 @dataclass(frozen=True, slots=True)
 class DeploymentRecord:
-    """A deployment as stored: its descriptor JSON and its status."""
+    """A deployment as stored: its descriptor JSON, its status and its publish address."""
 
     name: str
     descriptor: str
     status: str
     created_at: datetime
     updated_at: datetime
+    publish_address: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,12 +371,12 @@ class Store:
         """The stored deployment `name`, or None."""
         with self._reading():
             row = self._db.execute(
-                "SELECT name, descriptor, status, created_at, updated_at FROM deployments"
-                " WHERE name = ?", (name,)).fetchone()
+                "SELECT name, descriptor, status, created_at, updated_at, publish_address"
+                " FROM deployments WHERE name = ?", (name,)).fetchone()
         if row is None:
             return None
         return DeploymentRecord(row[0], row[1], row[2], datetime.fromisoformat(row[3]),
-                                datetime.fromisoformat(row[4]))
+                                datetime.fromisoformat(row[4]), row[5])
 
     def _ensure_deployment(self, name: str) -> None:
         now = _now()
@@ -382,10 +387,11 @@ class Store:
 
     def record_deployment(self, name: str, descriptor_json: str,
                           instances: Sequence[InstancePlan], removed_ids: Sequence[str],
-                          status: str) -> None:
+                          status: str, publish_address: str | None = None) -> None:
         """Record a deployment's desired state in one transaction.
 
-        Upserts the deployment (descriptor and status) and each of `instances`
+        Upserts the deployment (descriptor, status and, when given, publish address) and
+        each of `instances`
         (an instance new to the store gets state `"planned"`; a known one
         keeps its Docker id and state), reserves each instance's host ports and
         releases the ones it no longer has, replaces the links of those
@@ -397,11 +403,12 @@ class Store:
         with self.transaction():
             now = _now()
             self._db.execute(
-                "INSERT INTO deployments (name, descriptor, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                "INSERT INTO deployments (name, descriptor, status, created_at, updated_at,"
+                " publish_address) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
                 " descriptor = excluded.descriptor, status = excluded.status,"
-                " updated_at = excluded.updated_at",
-                (name, descriptor_json, status, now, now))
+                " updated_at = excluded.updated_at, publish_address ="
+                " coalesce(excluded.publish_address, deployments.publish_address)",
+                (name, descriptor_json, status, now, now, publish_address))
             for instance_id in removed_ids:
                 self._db.execute("DELETE FROM instances WHERE deployment = ? AND id = ?",
                                  (name, instance_id))

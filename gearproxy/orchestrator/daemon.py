@@ -118,6 +118,9 @@ class Daemon:
             except GearproxyError as exc:
                 log.error("event_handling_failed", action=event.action,
                           instance=event.instance, error=str(exc))
+            except Exception:  # a bug or an OS error must not end event handling for good
+                log.exception("event_handling_crashed", action=event.action,
+                              instance=event.instance)
 
     async def handle(self, request: dict[str, Any], emit: Emit) -> Any:
         """Serve one API request; after a change, refresh systemd's one-line STATUS."""

@@ -38,6 +38,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ log = get_logger("gearproxy.lifecycle")
 T = TypeVar("T")
 HOSTS = ("local",)
 RESTART_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RESTART_STABLE_AFTER = 10.0  # seconds of run time after which the back-off starts again
 Emit = Callable[[str], None]
 
 
@@ -113,17 +115,16 @@ class Lifecycle:
             previous = self.store.get_deployment(name)
             images = sorted({c.image for c in deployment.containers if c.count > 0})
             await self._call(self.engine.ensure_images, images)
-            the_plan = self._reserve(name, deployment)
             address = publish_address or (self.runtimes[name].publish_address
                                           if name in self.runtimes else self.publish_address)
+            the_plan = self._reserve(name, deployment, address)
             for line in describe(the_plan):
                 emit(line)
             created: list[ContainerInfo] = []
             try:
                 await self._execute(name, deployment, the_plan, address, emit, created,
                                     timeout=timeout)
-            except BaseException as exc:
-                emit(f"deploy failed: {exc}")
+            except BaseException:  # the CLI prints the error itself, once
                 await self._roll_back(name, previous, created)
                 raise
             self.store.set_status(name, "deployed")
@@ -132,7 +133,7 @@ class Lifecycle:
                 emit(f"deployment {name} unchanged")
             return await self.status(name)
 
-    def _reserve(self, name: str, deployment: Deployment) -> Plan:
+    def _reserve(self, name: str, deployment: Deployment, publish_address: str) -> Plan:
         """Plan, probe newly allocated ports on the host, reserve them in one transaction.
 
         A port bound by a foreign process, or reserved by a racing gearproxy
@@ -157,7 +158,8 @@ class Lifecycle:
                 continue
             try:
                 self.store.record_deployment(name, descriptor, the_plan.instances,
-                                             [r.id for r in the_plan.remove], status="deploying")
+                                             [r.id for r in the_plan.remove], status="deploying",
+                                             publish_address=publish_address)
             except PortConflictError as exc:
                 if exc.port in explicit or exc.owner is None:
                     raise
@@ -210,11 +212,13 @@ class Lifecycle:
         """Until every instance runs (healthy where checked) and every listener accepts."""
         deadline = time.monotonic() + timeout
         pending: list[str] = []
+        restart_due: dict[str, float] = {}
         while True:
             for inst in runtime.instances:
                 info = await self._call(self.engine.inspect, runtime.containers[inst.id].id)
                 if info is not None:
                     runtime.containers[inst.id] = info
+                    await self._restart_while_deploying(runtime, inst, info, restart_due)
             await self._apply_proxies(runtime)
             pending = []
             for inst in runtime.instances:
@@ -232,6 +236,24 @@ class Lifecycle:
                                   + "; ".join(pending))
             await asyncio.sleep(0.2)
 
+    async def _restart_while_deploying(self, runtime: Runtime, inst: InstancePlan,
+                                       info: ContainerInfo, due: dict[str, float]) -> None:
+        """Apply the Restart policy to an instance that exited during the wait: the deploy
+        holds the lock, so its "die" event waits, and a consumer that gave up because its
+        link was not up yet would otherwise stay down until --timeout."""
+        if info.status not in ("exited", "dead") or not _wants_restart(inst, info):
+            return
+        now = time.monotonic()
+        attempt = runtime.restarts.get(inst.id, 0)
+        delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+        when = due.setdefault(inst.id, now + delay)
+        if now < when:
+            return
+        del due[inst.id]
+        runtime.restarts[inst.id] = attempt + 1
+        with contextlib.suppress(GearproxyError):  # still exited: reported as not ready
+            runtime.containers[inst.id] = await self._call(self.engine.start, info.id)
+
     async def _listeners_not_accepting(self, runtime: Runtime) -> list[str]:
         problems = []
         for inst in runtime.instances:
@@ -247,11 +269,14 @@ class Lifecycle:
                                     "does not accept")
         return problems
 
+    def _proxy_keys(self, name: str) -> list[str]:
+        """The keys of deployment `name`'s proxies (not a key prefix: `app.v2` starts `app.`)."""
+        return sorted(k for k, p in self.supervisor.proxies.items() if p.spec.deployment == name)
+
     async def _apply_proxies(self, runtime: Runtime) -> None:
         specs = proxy_specs(runtime.name, runtime.instances, runtime.running(),
                             publish_address=runtime.publish_address, join_ns_of=self.join_ns_of)
-        prefix = f"{runtime.name}."
-        for key in [k for k in self.supervisor.proxies if k.startswith(prefix)]:
+        for key in self._proxy_keys(runtime.name):
             if key not in specs:
                 await self.supervisor.stop(key)
         for spec in specs.values():
@@ -292,7 +317,27 @@ class Lifecycle:
                 for iid in created_ids:
                     runtime.containers.pop(iid, None)
                 runtime.instances = old_plan.instances
+                await self._restore_previous(runtime)
                 await self._apply_proxies(runtime)
+
+    async def _restore_previous(self, runtime: Runtime) -> None:
+        """Bring back the previous containers a failed update removed (the old container of
+        a recreated instance, an instance it scaled away), so the update does not leave an
+        instance with no container at all and its consumers with a dead link."""
+        existing = {c.instance for c in await self._call(self.engine.owned_containers,
+                                                         runtime.name)}
+        for inst in runtime.instances:
+            if inst.id in existing:
+                continue
+            try:
+                info = await self._call(self.engine.create_container, runtime.name, inst)
+                runtime.containers[inst.id] = await self._call(self.engine.start, info.id)
+            except GearproxyError as exc:
+                log.error("rollback_restore_failed", instance=inst.id, error=str(exc))
+                continue
+            runtime.held.discard(inst.id)
+            self.store.set_instance_state(runtime.name, inst.id, state="running",
+                                          docker_id=info.id)
 
     def _write_state_file(self, name: str, the_plan: Plan, deployment: Deployment) -> None:
         directory = self.state_dir / "deployments"
@@ -349,7 +394,7 @@ class Lifecycle:
             runtime = self.runtimes.pop(name, None)
             if runtime is not None:
                 runtime.held.update(i.id for i in runtime.instances)
-            for key in [k for k in self.supervisor.proxies if k.startswith(f"{name}.")]:
+            for key in self._proxy_keys(name):
                 await self.supervisor.stop(key)
             for info in await self._call(self.engine.owned_containers, name):
                 await self._call(self.engine.remove, info.id)
@@ -378,8 +423,9 @@ class Lifecycle:
                 "ports": [{"internal": p.internal, "external": p.external} for p in inst.ports],
             })
         proxies, links = [], []
-        for key, proxy in sorted(self.supervisor.proxies.items()):
-            if not key.startswith(f"{name}."):
+        for key in self._proxy_keys(name):
+            proxy = self.supervisor.proxies.get(key)
+            if proxy is None:  # stopped while an earlier one answered
                 continue
             summary = proxy.summary()
             summary["stats"] = await self.supervisor.stats(key)
@@ -426,7 +472,8 @@ class Lifecycle:
             except GearproxyError as exc:
                 log.error("reconcile_failed", deployment=name, error=str(exc))
                 continue
-            runtime = Runtime(name, deployment, the_plan.instances, self.publish_address)
+            runtime = Runtime(name, deployment, the_plan.instances,
+                              record.publish_address or self.publish_address)
             self.runtimes[name] = runtime
             stopped = {r.id for r in self.store.instances(name) if r.state == "stopped"}
             runtime.held.update(stopped)
@@ -441,8 +488,8 @@ class Lifecycle:
                             runtime.containers[inst.id] = await self._call(
                                 self.engine.start, info.id)
                 await self._apply_proxies(runtime)
-        for key in list(self.supervisor.proxies):
-            if key.split(".", 1)[0] not in known:
+        for key, proxy in list(self.supervisor.proxies.items()):
+            if proxy.spec.deployment not in known:
                 await self.supervisor.stop(key)
 
     async def on_event(self, event: EngineEvent) -> None:
@@ -450,6 +497,8 @@ class Lifecycle:
         if runtime is None or runtime.instance(event.instance) is None:
             return
         async with self.lock(runtime.name):
+            if self.runtimes.get(runtime.name) is not runtime:
+                return  # deleted (or re-adopted) while this event waited for the lock
             iid = event.instance
             info = await self._call(self.engine.inspect, event.container_id)
             current = runtime.containers.get(iid)
@@ -459,16 +508,21 @@ class Lifecycle:
                 runtime.containers.pop(iid, None)
             else:
                 runtime.containers[iid] = info
-            await self._apply_proxies(runtime)
+            # The Restart policy first: a proxy that cannot be applied must not keep the
+            # container down.
             if event.action == "die" and info is not None and info.status != "running":
-                self._maybe_restart(runtime, iid, info)
+                self._maybe_restart(runtime, iid, info, died_at=event.time)
+            await self._apply_proxies(runtime)
 
-    def _maybe_restart(self, runtime: Runtime, iid: str, info: ContainerInfo) -> None:
+    def _maybe_restart(self, runtime: Runtime, iid: str, info: ContainerInfo, *,
+                       died_at: float) -> None:
         inst = runtime.instance(iid)
         if inst is None or iid in runtime.held:
             return
-        if inst.restart == "no" or (inst.restart == "on-failure" and info.exit_code == 0):
+        if not _wants_restart(inst, info):
             return
+        if _run_time(info, died_at) > RESTART_STABLE_AFTER:
+            runtime.restarts[iid] = 0  # not crash-looping: back-off only for quick deaths
         attempt = runtime.restarts.get(iid, 0)
         runtime.restarts[iid] = attempt + 1
         delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
@@ -489,8 +543,25 @@ class Lifecycle:
             except GearproxyError as exc:
                 log.error("instance_restart_failed", instance=iid, error=str(exc))
                 return
-            await self._apply_proxies(runtime)
+            try:
+                await self._apply_proxies(runtime)
+            except GearproxyError as exc:  # a task: nobody else would see it
+                log.error("relink_failed", deployment=runtime.name, instance=iid, error=str(exc))
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _run_time(info: ContainerInfo, died_at: float) -> float:
+    """Seconds the container ran before it died (0 when its start time is unknown)."""
+    try:
+        started = datetime.fromisoformat(info.started_at).timestamp()
+    except ValueError:
+        return 0.0
+    return died_at - started
+
+
+def _wants_restart(inst: InstancePlan, info: ContainerInfo) -> bool:
+    """Whether the descriptor's Restart policy restarts `inst` after it exited as `info` says."""
+    return inst.restart == "always" or (inst.restart == "on-failure" and info.exit_code != 0)

@@ -37,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class ProxySpec:
     netns_listen: tuple[tuple[str, str], ...] = ()  # (namespace path, HOST:PORT)
     join_ns_of: int | None = None  # rootless: RootlessKit's pid
     mode: str = "auto"
+    deployment: str = ""  # the owner; names may contain dots, so the key cannot say
 
     def argv(self, control: Path) -> list[str]:
         args = [sys.executable, "-m", "gearproxy", "proxy", "--control", str(control),
@@ -85,6 +86,7 @@ class ProxySpec:
             netns_listen=tuple((str(p), str(a)) for p, a in data.get("netns_listen", ())),
             join_ns_of=data.get("join_ns_of"),
             mode=str(data.get("mode", "auto")),
+            deployment=str(data.get("deployment", "")),
         )
 
 
@@ -223,8 +225,13 @@ class Supervisor:
                                             "netns": path}, strict=False)
         for path, address in spec.netns_listen:
             if (path, address) not in old.netns_listen:
-                await self._control(proxy, {"op": "add_listener", "listen": address,
-                                            "netns": path})
+                reply = await self._control(proxy, {"op": "add_listener", "listen": address,
+                                                    "netns": path}, strict=False)
+                # A consumer that died meanwhile is no error: its "die" event re-applies,
+                # and its next start gets a new namespace.
+                if not reply.get("ok") and _namespace_exists(path):
+                    raise LinkError(f"proxy {proxy.spec.key} refused add_listener: "
+                                    f"{reply.get('error', 'unknown error')}")
         proxy.spec = spec
         self._write_files(proxy)
 
@@ -403,10 +410,15 @@ def _is_our_proxy(pid: int) -> bool:
     return b"gearproxy" in argv and b"proxy" in argv
 
 
+def _namespace_exists(path: str) -> bool:
+    """Whether a `/proc/<pid>/ns/net` still exists (procfs: answers without blocking)."""
+    return os.path.exists(path)
+
+
 def _without_missing_namespaces(spec: ProxySpec) -> ProxySpec:
     """Drop namespace listeners whose namespace is gone (the consumer stopped):
     the lifecycle re-adds them when the consumer starts again."""
-    alive = tuple((p, a) for p, a in spec.netns_listen if os.path.exists(p))
+    alive = tuple((p, a) for p, a in spec.netns_listen if _namespace_exists(p))
     if alive == spec.netns_listen:
         return spec
-    return ProxySpec(spec.key, spec.listen, spec.targets, alive, spec.join_ns_of, spec.mode)
+    return replace(spec, netns_listen=alive)

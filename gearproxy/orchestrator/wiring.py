@@ -62,5 +62,6 @@ def proxy_specs(deployment: str, instances: tuple[InstancePlan, ...],
                 netns_listen=tuple(sorted(consumers.get((inst.id, port.internal), ()))),
                 join_ns_of=join_ns_of,
                 mode=mode,
+                deployment=deployment,
             )
     return specs
