@@ -163,3 +163,35 @@ def _is_gone(pid: int) -> bool:
             return stat.read().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_a_state_directory_too_long_for_unix_sockets_is_refused_in_words(
+        tmp_path: Path) -> None:
+    """Control sockets have short hashed names, but a state directory past the kernel's
+    107-byte socket path limit is refused with a message saying what to do."""
+    from gearproxy.errors import LinkError
+    from gearproxy.orchestrator.api import ApiClient
+
+    deep = tmp_path / ("d" * 120)
+    with pytest.raises(LinkError, match="GEARPROXY_STATE_DIR"):
+        Supervisor(deep / "proxies")
+    with pytest.raises(LinkError, match="longer than a Unix socket allows"):
+        ApiClient(deep / "daemon.sock").request("ping")
+
+
+def test_control_socket_names_stay_short_for_long_keys(
+        tmp_path: Path, servers: tuple[EchoServer, EchoServer]) -> None:
+    """A long deployment and instance name still gives a usable control socket."""
+    a, _ = servers
+    port = free_port()
+    key = "d" * 63 + "." + "web" * 20 + "-1.80"
+
+    async def scenario() -> None:
+        sup = Supervisor(tmp_path / "proxies")
+        proxy = await sup.ensure(ProxySpec(key, (f"127.0.0.1:{port}",),
+                                           (f"127.0.0.1:{a.port}",)))
+        assert len(str(proxy.control)) < 107 and proxy.state == "running"
+        assert await ask_async(port) == b"a:hi"
+        await sup.close(stop_proxies=True)
+
+    run(scenario())

@@ -35,6 +35,7 @@ from typing import Any
 
 from gearproxy.errors import DaemonError, GearproxyError, UsageError
 from gearproxy.log import get_logger
+from gearproxy.orchestrator.supervisor import check_socket_path
 
 log = get_logger("gearproxy.api")
 
@@ -57,6 +58,7 @@ class ApiServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        check_socket_path(self.path)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         old_umask = os.umask(0o177)
@@ -117,6 +119,7 @@ class ApiClient:
 
         `wait` bounds each read from the socket (the request's own fields, such as a
         deploy's `timeout`, travel in `fields`)."""
+        check_socket_path(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(wait)
         try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -50,6 +51,7 @@ BACKOFF = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_AFTER = 10.0  # seconds of uptime after which the back-off resets
 READY_TIMEOUT = 10.0
 CONTROL_TIMEOUT = 5.0
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,7 @@ class Supervisor:
     """Starts, adopts, re-configures, restarts and stops proxy processes."""
 
     def __init__(self, directory: Path) -> None:
+        check_socket_path(directory / f"{'0' * 16}.sock")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.proxies: dict[str, SupervisedProxy] = {}
@@ -142,6 +145,8 @@ class Supervisor:
     # -- files -------------------------------------------------------------
 
     def _path(self, key: str, suffix: str) -> Path:
+        if suffix == ".sock":  # a Unix socket path has 107 bytes at most: keep it short
+            return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.sock"
         return self.directory / f"{key}{suffix}"
 
     def _write_files(self, proxy: SupervisedProxy) -> None:
@@ -392,6 +397,14 @@ class Supervisor:
                     await proxy.exited.wait()
         if proxy.state == "stopping":
             proxy.state = previous
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse, in words, a Unix socket path the kernel would refuse (over 107 bytes)."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise LinkError(f"socket path {path} is longer than a Unix socket allows "
+                        f"({MAX_SOCKET_PATH} bytes): set GEARPROXY_STATE_DIR to a shorter "
+                        "directory")
 
 
 def _kill(pid: int, sig: int) -> None:
