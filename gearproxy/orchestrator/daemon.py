@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # Events from now on: one that happens during reconcile is seen, not lost.
+        events_since = time.time()
         await lifecycle.reconcile()
         server = ApiServer(socket_path(state_dir), self.handle)
         await server.start()
-        events = loop.create_task(self._watch_events(engine, lifecycle))
+        events = loop.create_task(self._watch_events(engine, lifecycle, events_since))
         await notifier.start()
         notifier.ready(self._summary(lifecycle))
         log.info("daemon_ready", pid=os.getpid(), socket=str(server.path),
@@ -93,13 +96,14 @@ class Daemon:
         proxies = len(lifecycle.supervisor.proxies)
         return f"{len(lifecycle.runtimes)} deployments, {proxies} proxies"
 
-    async def _watch_events(self, engine: Engine, lifecycle: Lifecycle) -> None:
+    async def _watch_events(self, engine: Engine, lifecycle: Lifecycle,
+                            since: float) -> None:
         """Consume engine events from a thread; re-connect when the stream breaks."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
         def pump() -> None:
-            since: float | None = None  # after a break, resume where the stream stopped
+            nonlocal since  # after a break, resume where the stream stopped
             while not self._events_stop.is_set():
                 try:
                     for event in engine.events(since=since, stop=self._events_stop):

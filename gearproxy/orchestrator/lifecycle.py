@@ -511,7 +511,7 @@ class Lifecycle:
                 for inst in runtime.instances:
                     info = runtime.containers.get(inst.id)
                     if (info is not None and info.status != "running"
-                            and inst.id not in stopped and inst.restart == "always"):
+                            and inst.id not in stopped and _wants_restart(inst, info)):
                         with contextlib.suppress(GearproxyError):
                             runtime.containers[inst.id] = await self._call(
                                 self.engine.start, info.id)
