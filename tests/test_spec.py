@@ -692,7 +692,8 @@ def test_rockmongo_example_parses_to_the_issue_s_deployment() -> None:
 
 
 def test_web_db_example_parses_with_commands() -> None:
-    """The locally buildable example: web (httpd, public 8080 on host port 6060) links to db (nc echo on 5432)."""
+    """The locally buildable example: web (httpd 8080 on host port 6060) links to db
+    (nc echo on 5432)."""
     d = load(EXAMPLES / "web_db.json")
     web, db = d.containers
     assert (web.name, web.image, web.public_ports) == (
