@@ -36,6 +36,7 @@ import docker.errors
 import pytest
 from docker.models.containers import Container
 from docker.models.networks import Network
+from gearproxy_harness import Gearproxy
 
 #: Label on every object a test creates; the value is the scratch run id.
 TEST_LABEL = "io.gearproxy.test"
@@ -44,7 +45,7 @@ BUSYBOX_REPO = "gearproxy-test/busybox"
 BUSYBOX_PATH = Path("/bin/busybox")
 #: Bump when the image layout below changes, so the content hash changes with it.
 _IMAGE_LAYOUT_VERSION = "1"
-_DOCKER_FIXTURES = frozenset({"docker_client", "busybox_image", "docker_scratch"})
+_DOCKER_FIXTURES = frozenset({"docker_client", "busybox_image", "docker_scratch", "gp"})
 
 
 def _in_ci() -> bool:
@@ -344,3 +345,29 @@ def docker_scratch(
         problems = scratch.cleanup()
         if problems:
             pytest.fail("docker_scratch cleanup failed: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def gp(tmp_path: Path, docker_client: docker.DockerClient,
+       busybox_image: str) -> Iterator[Gearproxy]:
+    """A private gearproxy installation (its own state directory and daemon).
+
+    Afterwards every deployment is deleted through the CLI and, in case the daemon
+    could not, the containers and networks of every `<name>.json` written to
+    `tmp_path` are removed, and every proxy under the state directory is killed."""
+    g = Gearproxy(tmp_path / "state")
+    g.start_daemon()
+    try:
+        yield g
+    finally:
+        listed = g.run("list", "--json")
+        for dep in json.loads(listed.stdout) if listed.returncode == 0 else []:
+            g.run("delete", dep["name"])
+        g.stop_daemon()
+        g.kill_all_proxies()
+        for path in tmp_path.glob("*.json"):
+            for c in docker_client.containers.list(
+                    all=True, filters={"label": f"io.gearproxy.deployment={path.stem}"}):
+                c.remove(force=True)
+            for net in docker_client.networks.list(names=[f"gearproxy-{path.stem}"]):
+                net.remove()

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,30 +47,6 @@ def descriptor(image: str, *, db_count: int = 1, env: str = "one",
          "publicports": [{"internal": 27017}], "command": DB_COMMAND,
          "environment": {"GEN": env}},
     ]}
-
-
-@pytest.fixture
-def gp(tmp_path: Path, docker_client: docker.DockerClient,
-       busybox_image: str) -> Iterator[Gearproxy]:
-    """A private gearproxy installation with its daemon; everything is removed afterwards."""
-    state = tmp_path / "state"
-    g = Gearproxy(state, env={"GEARPROXY_TEST_IMAGE": busybox_image})
-    g.start_daemon()
-    try:
-        yield g
-    finally:
-        listed = g.run("list", "--json")
-        for dep in json.loads(listed.stdout) if listed.returncode == 0 else []:
-            g.run("delete", dep["name"])
-        g.stop_daemon()
-        g.kill_all_proxies()
-        for leftover in docker_client.containers.list(all=True, filters={
-                "label": "io.gearproxy.deployment"}):  # when the daemon could not delete
-            if (tmp_path / f"{leftover.labels['io.gearproxy.deployment']}.json").exists():
-                leftover.remove(force=True)
-        for path in tmp_path.glob("*.json"):
-            for net in docker_client.networks.list(names=[f"gearproxy-{path.stem}"]):
-                net.remove()
 
 
 def write(tmp_path: Path, name: str, data: dict[str, Any]) -> Path:

@@ -8,7 +8,6 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +17,6 @@ import pytest
 from gearproxy_harness import Gearproxy, proxy_processes, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-@pytest.fixture
-def gp(tmp_path: Path, docker_client: docker.DockerClient,
-       busybox_image: str) -> Iterator[Gearproxy]:
-    g = Gearproxy(tmp_path / "state")
-    g.start_daemon()
-    try:
-        yield g
-    finally:
-        listed = g.run("list", "--json")
-        for dep in json.loads(listed.stdout) if listed.returncode == 0 else []:
-            g.run("delete", dep["name"])
-        g.stop_daemon()
-        g.kill_all_proxies()
-        for path in tmp_path.glob("*.json"):
-            for c in docker_client.containers.list(
-                    all=True, filters={"label": f"io.gearproxy.deployment={path.stem}"}):
-                c.remove(force=True)
-            for net in docker_client.networks.list(names=[f"gearproxy-{path.stem}"]):
-                net.remove()
 
 
 def talker(image: str, **extra: Any) -> dict[str, Any]:

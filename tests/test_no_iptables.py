@@ -181,7 +181,7 @@ def installation(directory: Path, client: docker.DockerClient, image: str,
                  env: dict[str, str]) -> Iterator[Gearproxy]:
     """A private gearproxy (state under `directory`) with its daemon started with `env`;
     every deployment, proxy and daemon it made is removed afterwards."""
-    gp = Gearproxy(directory / "state", env={"GEARPROXY_TEST_IMAGE": image, **env})
+    gp = Gearproxy(directory / "state", env=env)
     gp.start_daemon()
     try:
         yield gp

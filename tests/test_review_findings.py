@@ -333,26 +333,6 @@ def test_a_consumer_namespace_that_vanished_is_not_a_reconfigure_error(tmp_path:
 DB_COMMAND = ["nc", "-ll", "-p", "27017", "-e", "cat"]
 
 
-@pytest.fixture
-def gp(tmp_path: Path, docker_client: Any, busybox_image: str) -> Iterator[Gearproxy]:
-    g = Gearproxy(tmp_path / "state")
-    g.start_daemon()
-    try:
-        yield g
-    finally:
-        listed = g.run("list", "--json")
-        for dep in json.loads(listed.stdout) if listed.returncode == 0 else []:
-            g.run("delete", dep["name"])
-        g.stop_daemon()
-        g.kill_all_proxies()
-        for path in tmp_path.glob("*.json"):
-            for c in docker_client.containers.list(
-                    all=True, filters={"label": f"io.gearproxy.deployment={path.stem}"}):
-                c.remove(force=True)
-            for net in docker_client.networks.list(names=[f"gearproxy-{path.stem}"]):
-                net.remove()
-
-
 def _write(tmp_path: Path, name: str, containers: list[dict[str, Any]]) -> Path:
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({"containers": containers}))

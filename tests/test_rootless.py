@@ -202,7 +202,7 @@ def test_unusable_docker_pid_is_one_line_and_creates_nothing(
     else:
         fake = _fake_dockerd(tmp_path)
         env = _fake_runtime(tmp_path, f"{fake.pid}\n")
-    gp = Gearproxy(tmp_path / "state", env={**env, "GEARPROXY_TEST_IMAGE": busybox_image})
+    gp = Gearproxy(tmp_path / "state", env=env)
     try:
         proc = gp.run("deploy", str(write_descriptor(tmp_path, f"bad{case}".replace("-", ""),
                                                      descriptor(busybox_image))))
@@ -221,7 +221,7 @@ def test_missing_dev_net_tun_is_one_line_and_creates_nothing(
     untouched), `deploy` refuses in one line naming /dev/net/tun and the mknod that fixes it."""
     if shutil.which("unshare") is None:
         _unavailable("unshare (util-linux) is needed to hide /dev/net/tun")
-    gp = Gearproxy(tmp_path / "state", env={"GEARPROXY_TEST_IMAGE": busybox_image})
+    gp = Gearproxy(tmp_path / "state")
     path = write_descriptor(tmp_path, "notun", descriptor(busybox_image))
     proc = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",

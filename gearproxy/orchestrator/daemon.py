@@ -97,7 +97,7 @@ class Daemon:
         return f"{len(lifecycle.runtimes)} deployments, {proxies} proxies"
 
     async def _watch_events(self, engine: Engine, lifecycle: Lifecycle,
-                            since: float) -> None:
+                            since: float | None = None) -> None:
         """Consume engine events from a thread; re-connect when the stream breaks."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
