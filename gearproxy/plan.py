@@ -612,3 +612,21 @@ def _start_order(deployment: Deployment) -> list[int]:
 def display_host(host: str) -> str:
     """How a placement host is written in link targets (`local` -> `localhost`, as geard)."""
     return "localhost" if host == LOCAL_HOST else host
+
+
+def start_levels(plan: Plan) -> list[tuple[InstancePlan, ...]]:
+    """The desired instances in waves that may start together.
+
+    An instance starts in the wave after the latest of its link targets that
+    comes before it in start order; a link to a later instance (a cycle, broken
+    by start order) does not hold it back.  Wave 0 has no earlier targets.
+    """
+    position = {i.id: n for n, i in enumerate(plan.instances)}
+    level: dict[str, int] = {}
+    for n, inst in enumerate(plan.instances):
+        earlier = [level[e.target] for e in inst.links if position[e.target] < n]
+        level[inst.id] = 1 + max(earlier) if earlier else 0
+    waves: list[list[InstancePlan]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for inst in plan.instances:
+        waves[level[inst.id]].append(inst)
+    return [tuple(w) for w in waves]

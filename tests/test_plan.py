@@ -600,3 +600,23 @@ def test_property_rescaling_never_moves_a_kept_port(d: Deployment, data: st.Data
         if i.action != "create":
             assert i.ports == first.instance(i.id).ports
             assert i.host == first.instance(i.id).host
+
+
+def test_start_levels_put_link_targets_in_earlier_waves_and_break_cycles_by_order() -> None:
+    """Targets start in a wave before their consumers; independent instances share a wave;
+    mutual links do not deadlock (the later one in start order does not hold back)."""
+    from gearproxy.plan import start_levels
+
+    waves = start_levels(plan(rockmongo(3), name="x"))
+    assert [[i.id for i in w] for w in waves] == [
+        ["mongodb-1", "mongodb-2", "mongodb-3"], ["rockmongo-1"]]
+    mutual = Deployment((
+        Container("a", "img", 1, (PortPair(1),), (Link("b"),)),
+        Container("b", "img", 1, (PortPair(2),), (Link("a"),)),
+        Container("c", "img", 2, (PortPair(3),)),
+    ))
+    p = plan(mutual, name="m")
+    waves = start_levels(p)
+    assert sorted(i.id for w in waves for i in w) == sorted(i.id for i in p.instances)
+    assert len(waves) == 2 and {i.id for i in waves[0]} >= {"c-1", "c-2"}
+    assert start_levels(plan(Deployment(()), name="e")) == []

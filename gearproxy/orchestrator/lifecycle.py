@@ -49,7 +49,7 @@ from gearproxy.errors import DaemonError, GearproxyError, PortConflictError, Usa
 from gearproxy.log import get_logger
 from gearproxy.orchestrator.supervisor import ProxySpec, Supervisor
 from gearproxy.orchestrator.wiring import Running, host_address, proxy_specs
-from gearproxy.plan import InstancePlan, Plan, plan
+from gearproxy.plan import InstancePlan, Plan, plan, start_levels
 from gearproxy.planview import describe
 from gearproxy.ports import port_is_free
 from gearproxy.spec import Deployment
@@ -61,6 +61,7 @@ T = TypeVar("T")
 HOSTS = ("local",)
 RESTART_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 PROXY_STARTS_AT_ONCE = 8
+CONTAINER_STARTS_AT_ONCE = 4
 RESTART_STABLE_AFTER = 10.0  # seconds of run time after which the back-off starts again
 Emit = Callable[[str], None]
 
@@ -204,25 +205,42 @@ class Lifecycle:
     async def _create_and_start(self, name: str, the_plan: Plan, runtime: Runtime,
                                 existing: dict[str, ContainerInfo], emit: Emit,
                                 created: list[ContainerInfo]) -> None:
-        """Containers in start order (link targets first): recreate, create, start."""
-        for inst in the_plan.instances:
-            info = existing.get(inst.id)
-            if info is not None and (inst.id in the_plan.recreate
-                                     or info.config_hash != inst.config_hash):
-                runtime.held.add(inst.id)
-                await self._call(self.engine.remove, info.id)
-                info = None
-            if info is None:
-                info = await self._call(self.engine.create_container, name, inst)
-                created.append(info)
-                emit(f"local Container {inst.id} is installed")
-            if info.status != "running":
-                emit(f"local Container {inst.id} starting")
-                runtime.held.discard(inst.id)
-                info = await self._call(self.engine.start, info.id)
+        """Containers wave by wave (link targets before their sources), each wave's
+        instances created and started together, a few at a time: `docker start` is
+        ~0.3 s of mostly waiting, so one at a time made a 40-link deploy 30 s long."""
+        limit = asyncio.Semaphore(CONTAINER_STARTS_AT_ONCE)
+
+        async def one(inst: InstancePlan) -> None:
+            async with limit:
+                await self._create_and_start_one(name, the_plan, runtime,
+                                                 existing.get(inst.id), inst, emit, created)
+
+        for wave in start_levels(the_plan):
+            results = await asyncio.gather(*(one(i) for i in wave), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+    async def _create_and_start_one(self, name: str, the_plan: Plan, runtime: Runtime,
+                                    info: ContainerInfo | None, inst: InstancePlan, emit: Emit,
+                                    created: list[ContainerInfo]) -> None:
+        """Recreate (when its configuration changed), create, start one instance."""
+        if info is not None and (inst.id in the_plan.recreate
+                                 or info.config_hash != inst.config_hash):
+            runtime.held.add(inst.id)
+            await self._call(self.engine.remove, info.id)
+            info = None
+        if info is None:
+            info = await self._call(self.engine.create_container, name, inst)
+            created.append(info)
+            emit(f"local Container {inst.id} is installed")
+        if info.status != "running":
+            emit(f"local Container {inst.id} starting")
             runtime.held.discard(inst.id)
-            runtime.containers[inst.id] = info
-            self.store.set_instance_state(name, inst.id, state="running", docker_id=info.id)
+            info = await self._call(self.engine.start, info.id)
+        runtime.held.discard(inst.id)
+        runtime.containers[inst.id] = info
+        self.store.set_instance_state(name, inst.id, state="running", docker_id=info.id)
 
     async def _wait_ready(self, runtime: Runtime, timeout: float) -> None:
         """Until every instance runs (healthy where checked) and every listener accepts."""
