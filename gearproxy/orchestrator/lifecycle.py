@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ from gearproxy import statefile
 from gearproxy.engine import ContainerInfo, Engine, EngineEvent
 from gearproxy.errors import DaemonError, GearproxyError, PortConflictError, UsageError
 from gearproxy.log import get_logger
-from gearproxy.orchestrator.supervisor import ProxySpec, Supervisor
+from gearproxy.orchestrator.supervisor import Supervisor
 from gearproxy.orchestrator.wiring import Running, host_address, proxy_specs
 from gearproxy.plan import InstancePlan, Plan, plan, start_levels
 from gearproxy.planview import describe
@@ -208,18 +208,10 @@ class Lifecycle:
         """Containers wave by wave (link targets before their sources), each wave's
         instances created and started together, a few at a time: `docker start` is
         ~0.3 s of mostly waiting, so one at a time made a 40-link deploy 30 s long."""
-        limit = asyncio.Semaphore(CONTAINER_STARTS_AT_ONCE)
-
-        async def one(inst: InstancePlan) -> None:
-            async with limit:
-                await self._create_and_start_one(name, the_plan, runtime,
-                                                 existing.get(inst.id), inst, emit, created)
-
         for wave in start_levels(the_plan):
-            results = await asyncio.gather(*(one(i) for i in wave), return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            await _together((self._create_and_start_one(name, the_plan, runtime,
+                                                        existing.get(i.id), i, emit, created)
+                             for i in wave), CONTAINER_STARTS_AT_ONCE)
 
     async def _create_and_start_one(self, name: str, the_plan: Plan, runtime: Runtime,
                                     info: ContainerInfo | None, inst: InstancePlan, emit: Emit,
@@ -316,17 +308,8 @@ class Lifecycle:
         # Concurrently: each new proxy is a Python start-up (~0.2 s CPU) and a ready
         # wait; one at a time they cost 10 s of a 40-link deploy.  Bounded, so that a
         # large deploy does not start a hundred interpreters at once.
-        limit = asyncio.Semaphore(PROXY_STARTS_AT_ONCE)
-
-        async def ensure(spec: ProxySpec) -> None:
-            async with limit:
-                await self.supervisor.ensure(spec)
-
-        results = await asyncio.gather(*(ensure(s) for s in specs.values()),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await _together((self.supervisor.ensure(spec) for spec in specs.values()),
+                        PROXY_STARTS_AT_ONCE)
 
     async def _remove_instance(self, runtime: Runtime, instance_id: str,
                                info: ContainerInfo | None) -> None:
@@ -440,10 +423,11 @@ class Lifecycle:
             runtime = self.runtimes.pop(name, None)
             if runtime is not None:
                 runtime.held.update(i.id for i in runtime.instances)
-            for key in self._proxy_keys(name):
-                await self.supervisor.stop(key)
-            for info in await self._call(self.engine.owned_containers, name):
-                await self._call(self.engine.remove, info.id)
+            await _together((self.supervisor.stop(k) for k in self._proxy_keys(name)),
+                            PROXY_STARTS_AT_ONCE)
+            await _together((self._call(self.engine.remove, c.id) for c in
+                             await self._call(self.engine.owned_containers, name)),
+                            CONTAINER_STARTS_AT_ONCE)
             await self._call(self.engine.remove_network, name)
             existed = self.store.delete_deployment(name) or runtime is not None
             with contextlib.suppress(FileNotFoundError):
@@ -597,6 +581,21 @@ class Lifecycle:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+async def _together(calls: Iterable[Awaitable[Any]], at_once: int) -> None:
+    """Await `calls` concurrently, at most `at_once` at a time; when some fail, raise the
+    first failure once all have finished (none is left running behind the error)."""
+    limit = asyncio.Semaphore(at_once)
+
+    async def bounded(call: Awaitable[Any]) -> None:
+        async with limit:
+            await call
+
+    results = await asyncio.gather(*(bounded(c) for c in calls), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _run_time(info: ContainerInfo, died_at: float) -> float:
