@@ -284,8 +284,9 @@ class Lifecycle:
         problems = []
         for inst in runtime.instances:
             for port in inst.ports:
-                address = "127.0.0.1" if runtime.publish_address in ("0.0.0.0", "::") \
-                    else runtime.publish_address
+                # A wildcard is probed on its loopback (a [::] listener is IPv6-only).
+                address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+                    runtime.publish_address, runtime.publish_address)
                 try:
                     async with asyncio.timeout(2):
                         _, writer = await asyncio.open_connection(address, port.external)
