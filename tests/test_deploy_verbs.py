@@ -128,3 +128,25 @@ def test_failed_deploy_says_what_is_not_ready_and_leaves_nothing(
         "print(json.dumps(sorted(Store.open().taken_ports('local'))))")],
         env=gp.environ(), capture_output=True, text=True, check=True).stdout
     assert port not in json.loads(taken)  # and its reservation was released
+
+
+def test_publish_address_ipv6_serves_on_ipv6_loopback(gp: Gearproxy, tmp_path: Path,
+                                                      busybox_image: str) -> None:
+    """`--publish-address ::` deploys (readiness probed on ::1) and the public port answers
+    on [::1]."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    web = {"name": "web", "image": busybox_image, "publicports": [{"internal": 80}],
+           "command": ["sh", "-c", "mkdir -p /www && echo v6-ok > /www/index.html && "
+                       "exec httpd -f -p 80 -h /www"]}
+    proc = gp.run("deploy", str(write(tmp_path, "six", [web])), "--publish-address", "::",
+                  "--json", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    [inst] = json.loads(proc.stdout)["instances"]
+    port = inst["ports"][0]["external"]
+    with socket.create_connection(("::1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    assert b"v6-ok" in reply
