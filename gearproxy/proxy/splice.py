@@ -10,6 +10,14 @@ bytes stay in the pipe, the pump swaps its source reader for a destination
 writer, and swaps back once the pipe is empty: registrations change only when
 the pipe fills or empties, never per call.
 
+Small messages skip the pipe: a pump in request/response mode (its last read
+was under `_SMALL`) reads once into the process's shared buffer and writes
+straight to the destination, so a message costs no pipe borrow and return and
+no Python-level pipe bookkeeping.  A read that fills the buffer switches the
+pump to splicing for the rest of the wake-up and after; a short splice read
+switches it back.  Bytes the destination refuses go into a borrowed (empty)
+pipe and the pump blocks exactly as above.
+
 States of a pump: READING (reader on src) -> BLOCKED (writer on dst, pipe
 holds bytes) -> READING ... -> DONE (src said EOF; dst shut for writing).
 The relay closes both sockets when both pumps are DONE.  Any socket error
@@ -59,6 +67,9 @@ class PipePool:
         pair = self._new()
         self.size = fcntl.fcntl(pair[1], F_GETPIPE_SZ)
         self.free.append(pair)
+        # One per process: callbacks never interleave, and a pump never leaves bytes here.
+        self.buf = bytearray(min(_SMALL, self.size))
+        self.view = memoryview(self.buf)
 
     def _new(self) -> tuple[int, int]:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -88,7 +99,7 @@ class _Pump:
     """One direction of a relay: src socket -> pipe -> dst socket."""
 
     __slots__ = ("dfd", "done", "dst", "loop", "on_read", "on_write", "pending", "pipes", "pr",
-                 "pw", "reading", "relay", "sfd", "size", "total", "writing")
+                 "pw", "reading", "relay", "sfd", "size", "small", "total", "writing")
 
     def __init__(self, relay: SpliceRelay, loop: asyncio.AbstractEventLoop, src: socket.socket,
                  dst: socket.socket, pipes: PipePool) -> None:
@@ -106,6 +117,7 @@ class _Pump:
         self.reading = False
         self.writing = False
         self.done = False
+        self.small = True                 # last read was small: copy, don't splice
         self.on_read = self.readable      # bound once, not per registration
         self.on_write = self.writable
 
@@ -114,6 +126,8 @@ class _Pump:
         self.loop.add_reader(self.sfd, self.on_read)
 
     def readable(self) -> None:
+        if self.small and self.pr < 0 and self._copy():
+            return
         pr = self.pr
         if pr < 0:
             try:
@@ -146,11 +160,50 @@ class _Pump:
                         self._block()
                         return
                 if n < _SMALL:
+                    self.small = True
                     break
         except OSError:
             self.relay.close(True)
             return
         self._release()
+
+    def _copy(self) -> bool:
+        """Move one small read through the shared buffer; False: it filled it, splice on."""
+        pipes = self.pipes
+        view = pipes.view
+        try:
+            n = os.readv(self.sfd, (view,))
+        except BlockingIOError:
+            return True
+        except OSError:
+            self.relay.close(True)
+            return True
+        if n == 0:
+            self._eof()
+            return True
+        self.total += n
+        try:
+            sent = os.write(self.dfd, view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.relay.close(True)
+            return True
+        if sent < n:
+            # The empty pipe holds at least the buffer's size, so this write is whole.
+            try:
+                self.pr, self.pw = pipes.get()
+                os.write(self.pw, view[sent:n])
+            except OSError:
+                self.relay.close(True)
+                return True
+            self.pending = n - sent
+            self._block()
+            return True
+        if n < len(view):
+            return True
+        self.small = False
+        return False
 
     def writable(self) -> None:
         pending = self.pending
