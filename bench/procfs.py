@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import resource
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -42,8 +42,8 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def _socket_inodes(pids: Iterable[int]) -> set[str]:
-    inodes: set[str] = set()
+def _fd_links(pids: Iterable[int]) -> Iterator[str]:
+    """What each open fd of `pids` points to (`socket:[123]`, `pipe:[45]`, a path)."""
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -51,12 +51,13 @@ def _socket_inodes(pids: Iterable[int]) -> set[str]:
             continue
         for fd in fds:
             try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                yield os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    return inodes
+
+
+def _socket_inodes(pids: Iterable[int]) -> set[str]:
+    return {link[8:-1] for link in _fd_links(pids) if link.startswith("socket:[")}
 
 
 def listening_ports(pids: Iterable[int]) -> set[int]:
@@ -108,18 +109,8 @@ def cpu_seconds(root: int) -> float:
 def fd_kinds(pids: Iterable[int]) -> Counter[str]:
     """Count the open fds of `pids` by kind: socket, pipe, anon_inode, file."""
     kinds: Counter[str] = Counter()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            kind = link.split(":", 1)[0] if ":[" in link else "file"
-            kinds[kind] += 1
+    for link in _fd_links(pids):
+        kinds[link.split(":", 1)[0] if ":[" in link else "file"] += 1
     return kinds
 
 
