@@ -15,6 +15,7 @@ the relay closes when both sides have sent EOF.  A leg lost with an error
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import socket
@@ -119,12 +120,13 @@ class CopyRelay:
         "reported",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket,
-                 backend: socket.socket, buffer: int, on_close: Callable[[Any], None],
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: _socket.socket,
+                 backend: _socket.socket, buffer: int, on_close: Callable[[Any], None],
                  listener_stats: Any, backend_stats: Any) -> None:
         self.loop = loop
-        self.client = client
-        self.backend = backend
+        # The loop's transports want the full socket.socket around each fd.
+        self.client = _full(client)
+        self.backend = _full(backend)
         self.buffer = buffer
         self.on_close = on_close
         self.listener_stats = listener_stats
@@ -220,3 +222,9 @@ def _abort(transport: Any) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     transport.abort()
+
+
+def _full(sock: _socket.socket) -> socket.socket:
+    if isinstance(sock, socket.socket):
+        return sock
+    return socket.socket(sock.family, sock.type, sock.proto, sock.detach())

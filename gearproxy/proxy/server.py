@@ -21,6 +21,7 @@ rest and exit 0.  A second signal closes everything at once.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -43,6 +44,7 @@ from gearproxy.proxy.metrics import (
     serve_metrics_client,
     snapshot,
 )
+from gearproxy.proxy.poller import Poller
 from gearproxy.proxy.pool import Backend, Pool
 from gearproxy.proxy.splice import PipePool, SpliceRelay, splice_works
 
@@ -79,14 +81,14 @@ class _Connect:
 
     __slots__ = ("backend", "cands", "client", "idx", "listener", "proxy", "sock", "t0", "timer")
 
-    def __init__(self, proxy: Proxy, client: socket.socket, listener: Listener,
+    def __init__(self, proxy: Proxy, client: _socket.socket, listener: Listener,
                  cands: list[Backend]) -> None:
         self.proxy = proxy
         self.client = client
         self.listener = listener
         self.cands = cands
         self.idx = 0
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.backend: Backend | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.t0 = 0.0
@@ -100,7 +102,7 @@ class _Connect:
             self.idx += 1
             try:
                 # SOCK_NONBLOCK: non-blocking from birth, no ioctl per connection.
-                sock = socket.socket(backend.family, _STREAM_NONBLOCK)
+                sock = _socket.socket(backend.family, _STREAM_NONBLOCK)
             except OSError:
                 break                                  # out of descriptors: give up now
             sock.setsockopt(*_NODELAY)
@@ -121,7 +123,7 @@ class _Connect:
                 else:
                     self._connected()
                     return
-                loop.add_writer(sock.fileno(), self._on_writable)
+                proxy.poller.add_writer(sock.fileno(), self._on_writable)
                 self.timer = loop.call_later(proxy.config.connect_timeout, self._on_timeout)
                 return
             self._failed()
@@ -139,7 +141,7 @@ class _Connect:
     def _on_writable(self) -> None:
         sock = self.sock
         assert sock is not None
-        self.proxy.loop.remove_writer(sock.fileno())
+        self.proxy.poller.remove_writer(sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -152,7 +154,7 @@ class _Connect:
     def _on_timeout(self) -> None:
         self.timer = None
         if self.sock is not None:
-            self.proxy.loop.remove_writer(self.sock.fileno())
+            self.proxy.poller.remove_writer(self.sock.fileno())
         self._failed()
         self.next()
 
@@ -168,7 +170,7 @@ class _Connect:
             self.timer.cancel()
             self.timer = None
         if self.sock is not None:
-            self.proxy.loop.remove_writer(self.sock.fileno())
+            self.proxy.poller.remove_writer(self.sock.fileno())
             self.sock.close()
             self.sock = None
         self.client.close()
@@ -204,12 +206,13 @@ class Proxy:
         self.pipes: PipePool | None = None
         self._idle: dict[Any, tuple[int, float]] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in main
+        self.poller: Poller = None  # type: ignore[assignment]  # set in main
         self._stop: asyncio.Event | None = None
         self._force: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
 
     # -- connections -------------------------------------------------------------
-    def on_accept(self, sock: socket.socket, listener: Listener) -> None:
+    def on_accept(self, sock: _socket.socket, listener: Listener) -> None:
         config = self.config
         if config.max_conns and self.nconns >= config.max_conns:
             self.totals.refused_max_conns += 1
@@ -235,12 +238,12 @@ class Proxy:
         conn.client.close()
         self._check_drained()
 
-    def connected(self, conn: _Connect, sock: socket.socket, backend: Backend) -> None:
+    def connected(self, conn: _Connect, sock: _socket.socket, backend: Backend) -> None:
         self.connecting.discard(conn)
         ls = conn.listener.stats
         relay: Any
         if self.pipes is not None:
-            relay = SpliceRelay(self.loop, conn.client, sock, self.pipes, self.relay_closed,
+            relay = SpliceRelay(self.poller, conn.client, sock, self.pipes, self.relay_closed,
                                 ls, backend.stats)
         else:
             relay = CopyRelay(self.loop, conn.client, sock, self.config.copy_buffer,
@@ -334,6 +337,7 @@ class Proxy:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal)
         config = self.config
+        self.poller = Poller(loop)
         if self.engine == "splice":
             self.pipes = PipePool(config.pipe_size, config.pipe_pool)
         servers: list[asyncio.AbstractServer] = []
@@ -376,6 +380,7 @@ class Proxy:
                     config.control.unlink()
             if self.pipes is not None:
                 self.pipes.close()
+            self.poller.close()
         _logger.info("stopped", connections_total=self.totals.total)
         return 0
 

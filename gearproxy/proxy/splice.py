@@ -27,6 +27,7 @@ a reset on the other.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import fcntl
@@ -37,6 +38,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from gearproxy.proxy.poller import Poller
+
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 _NONBLOCK = os.SPLICE_F_NONBLOCK if hasattr(os, "SPLICE_F_NONBLOCK") else 2
@@ -45,6 +48,8 @@ _ROUNDS = 16                     # pipe-fulls moved per wake-up before yielding 
 # that would only say EAGAIN (a syscall and an exception per message); the level-triggered
 # reader wakes us again if more arrived.  Bulk reads keep draining until EAGAIN.
 _SMALL = 16 * 1024
+# Wake-ups of one direction after which a relay moves to the loop's own registration.
+_PROMOTE = 4
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -98,13 +103,17 @@ class PipePool:
 class _Pump:
     """One direction of a relay: src socket -> pipe -> dst socket."""
 
-    __slots__ = ("dfd", "done", "dst", "loop", "on_read", "on_write", "pending", "pipes", "pr",
-                 "pw", "reading", "relay", "sfd", "size", "small", "total", "writing")
+    __slots__ = ("dfd", "done", "dst", "on_read", "on_write", "pending", "pipes", "poller", "pr",
+                 "pw", "reading", "reg", "relay", "sfd", "size", "small", "total", "wakes",
+                 "writing")
 
-    def __init__(self, relay: SpliceRelay, loop: asyncio.AbstractEventLoop, src: socket.socket,
-                 dst: socket.socket, pipes: PipePool) -> None:
+    def __init__(self, relay: SpliceRelay, poller: Poller, src: _socket.socket,
+                 dst: _socket.socket, pipes: PipePool) -> None:
         self.relay = relay
-        self.loop = loop
+        self.poller = poller
+        # Where the callbacks are registered: the private set, then the loop once promoted.
+        self.reg: Poller | asyncio.AbstractEventLoop = poller
+        self.wakes = 0
         self.dst = dst
         self.sfd = src.fileno()
         self.dfd = dst.fileno()
@@ -123,9 +132,12 @@ class _Pump:
 
     def start(self) -> None:
         self.reading = True
-        self.loop.add_reader(self.sfd, self.on_read)
+        self.reg.add_reader(self.sfd, self.on_read)
 
     def readable(self) -> None:
+        self.wakes += 1
+        if self.wakes == _PROMOTE:
+            self.relay.promote()
         if self.small and self.pr < 0 and self._copy():
             return
         pr = self.pr
@@ -220,16 +232,16 @@ class _Pump:
             return
         self.pending = 0
         self.writing = False
-        self.loop.remove_writer(dst)
+        self.reg.remove_writer(dst)
         self._release()
         self.reading = True
-        self.loop.add_reader(self.sfd, self.on_read)
+        self.reg.add_reader(self.sfd, self.on_read)
 
     def _block(self) -> None:
         self.reading = False
-        self.loop.remove_reader(self.sfd)
+        self.reg.remove_reader(self.sfd)
         self.writing = True
-        self.loop.add_writer(self.dfd, self.on_write)
+        self.reg.add_writer(self.dfd, self.on_write)
 
     def _release(self) -> None:
         if self.pr >= 0:
@@ -237,14 +249,15 @@ class _Pump:
             self.pr = self.pw = -1
 
     def _eof(self) -> None:
-        self.reading = False
-        self.loop.remove_reader(self.sfd)
         self._release()
         self.done = True
         if self.relay.other_done(self):
-            # Both directions ended: close() sends the FIN, a shutdown would be one more syscall.
+            # Both directions ended: close() forgets the fds and sends the FIN; an
+            # unregister or a shutdown here would only be more syscalls.
             self.relay.pump_done()
             return
+        self.reading = False
+        self.reg.remove_reader(self.sfd)
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -253,20 +266,29 @@ class _Pump:
         self.relay.pump_done()
 
     def detach(self) -> None:
-        """Unregister callbacks and drop the pipe (closed if it still holds bytes)."""
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.sfd)
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.dfd)
+        """Drop callbacks (no syscall: the relay closes both sockets next) and the pipe."""
+        if self.reg is self.poller:
+            self.poller.forget(self.sfd)
+        else:
+            if self.reading:
+                self.reg.remove_reader(self.sfd)
+            if self.writing:
+                self.reg.remove_writer(self.dfd)
+        self.reading = self.writing = False
         if self.pr >= 0:
-            if self.pending:
+            if self.pending:                  # bytes nobody will read: close, don't pool
                 os.close(self.pr)
                 os.close(self.pw)
                 self.pr = self.pw = -1
             else:
                 self._release()
+        # Bound methods point back at the pump: drop them so refcounting, not the
+        # cyclic GC, frees a closed connection.
+        self.on_read = self.on_write = _closed
+
+
+def _closed() -> None:
+    """Callback of a closed pump: never registered, only a cycle breaker."""
 
 
 class SpliceRelay:
@@ -275,8 +297,8 @@ class SpliceRelay:
     __slots__ = ("backend", "backend_stats", "client", "closed", "down", "listener_stats",
                  "on_close", "up")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket,
-                 backend: socket.socket, pipes: PipePool,
+    def __init__(self, poller: Poller, client: _socket.socket,
+                 backend: _socket.socket, pipes: PipePool,
                  on_close: Callable[[Any], None], listener_stats: Any, backend_stats: Any) -> None:
         self.client = client
         self.backend = backend
@@ -284,8 +306,8 @@ class SpliceRelay:
         self.listener_stats = listener_stats
         self.backend_stats = backend_stats
         self.closed = False
-        self.up = _Pump(self, loop, client, backend, pipes)
-        self.down = _Pump(self, loop, backend, client, pipes)
+        self.up = _Pump(self, poller, client, backend, pipes)
+        self.down = _Pump(self, poller, backend, client, pipes)
 
     @property
     def bytes_in(self) -> int:
@@ -304,6 +326,21 @@ class SpliceRelay:
         # A short-lived client has usually sent its request by the time the backend
         # answered the connect: forward it now rather than after another loop turn.
         self.up.readable()
+
+    def promote(self) -> None:
+        """Move this long-lived relay's callbacks from the private epoll set to the loop's."""
+        for pump in (self.up, self.down):
+            poller = pump.poller
+            if pump.reg is not poller:
+                continue
+            loop = poller.loop
+            if pump.reading:
+                poller.remove_reader(pump.sfd)
+                loop.add_reader(pump.sfd, pump.on_read)
+            if pump.writing:
+                poller.remove_writer(pump.dfd)
+                loop.add_writer(pump.dfd, pump.on_write)
+            pump.reg = loop
 
     def other_done(self, pump: _Pump) -> bool:
         return (self.down if pump is self.up else self.up).done
@@ -325,6 +362,8 @@ class SpliceRelay:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             sock.close()
         self.on_close(self)
+        # Every path that closes returns at once: no pump reads `relay` after this.
+        del self.up.relay, self.down.relay
 
 
 def splice_works() -> bool:
