@@ -114,9 +114,12 @@ def run_round(run: Run, rnd: int, pool: Any, sink: load.Sink,
 
     def throughput(name: str, inst: cont.Instance, streams: int, key: str) -> None:
         c0 = _cpu(inst)
+        m0 = procfs.machine_cpu()
         per_stream = prof["tput_bytes"] // streams
         got = load.measure_throughput(pool, inst.addr, streams, per_stream, prof["tput_s"])
         c1 = _cpu(inst)
+        if streams == 1:
+            run.record(name, rnd, "busy1_pct", procfs.busy_pct(m0, procfs.machine_cpu()), None)
         for err in got.errors:
             run.error(name, f"{key}: {err}")
         ok = not got.errors and got.bytes_acked > 0
@@ -132,7 +135,10 @@ def run_round(run: Run, rnd: int, pool: Any, sink: load.Sink,
         steps.append(("8-stream", lambda n, i: throughput(n, i, 8, "tput8_gbit")))
     if "connrate" in metrics:
         def connrate(name: str, inst: cont.Instance) -> None:
+            m0 = procfs.machine_cpu()
             got = load.measure_connrate(pool, inst.addr, prof["conn_max"], prof["conn_s"])
+            run.record(name, rnd, "busy_conn_pct", procfs.busy_pct(m0, procfs.machine_cpu()),
+                       None)
             if got.errors:
                 run.error(name, f"connrate: {got.errors} errors, first: {got.first_error}")
             run.record(name, rnd, "conn_per_s", got.per_s if got.connections else None,
@@ -269,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         "cross-CPU wake-ups, which on this VM dominate the unpinned figure.",
         "CPU s/GB: user+system CPU of the forwarder's processes over both throughput tests, "
         "per GB (1e9 bytes) forwarded one way.",
+        "CPUs busy: the share of all CPUs' time in use during the 1-stream and the conns/s "
+        "tests, by any process (/proc/stat).  Near 100% for direct means the load generator "
+        "and sink alone fill the machine, so whatever a forwarder spends comes out of the "
+        "same CPUs: on such a machine no forwarder can come near direct's figure.",
     ]
     values = {n: run.values.get(n, {}) for n in run.instances}
     med = report.medians(values)

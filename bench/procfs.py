@@ -134,6 +134,24 @@ def raise_nofile(wanted: int) -> int:
     return new
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat's `cpu` line.
+
+    Busy is everything but idle and iowait.  Two readings around a test give the
+    share of the whole machine in use during it, whoever used it.
+    """
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    total = sum(fields[:8])                 # user nice system idle iowait irq softirq steal
+    return total - fields[3] - fields[4], total
+
+
+def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Percent of all CPUs' time busy between two `machine_cpu` readings."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else None
+
+
 def loadavg() -> tuple[float, float, float]:
     """The 1, 5 and 15 minute load averages."""
     one, five, fifteen = os.getloadavg()

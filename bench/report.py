@@ -34,6 +34,8 @@ METRICS = (
     Metric("pin_p50_us", "1-CPU p50 µs", "{:.1f}", False),
     Metric("pin_p99_us", "1-CPU p99 µs", "{:.1f}", False),
     Metric("cpu_s_per_gb", "CPU s/GB", "{:.2f}", False),
+    Metric("busy1_pct", "CPUs busy 1-stream %", "{:.0f}", False),
+    Metric("busy_conn_pct", "CPUs busy conns/s %", "{:.0f}", False),
     Metric("idle_mib_10k", "RSS @10k idle MiB", "{:.1f}", False),
     Metric("idle_kib_per_conn", "KiB/idle conn", "{:.2f}", False),
     Metric("idle_fds_per_conn", "fds/idle conn", "{:.1f}", False),
