@@ -27,6 +27,7 @@ Addr = tuple[str, int]
 Probe = Callable[[Addr], None]
 START_TIMEOUT = 20.0
 HAPROXY_MAXPIPES = 64
+BUSY_POLL_US = 200       # the busy-poll contender's window: a few round trips long
 
 
 def max_conns() -> int:
@@ -175,10 +176,13 @@ class Direct(Contender):
 class Gearproxy(Contender):
     """`python -m gearproxy proxy` in one of its forwarding modes."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, busy_poll_us: int = 0) -> None:
         self.mode = mode
-        self.name = f"gearproxy-{mode}"
+        self.busy_poll_us = busy_poll_us
+        self.name = f"gearproxy-{mode}" if not busy_poll_us else "gearproxy-busypoll"
         self.note = f"--mode {mode}, uvloop, one process"
+        if busy_poll_us:
+            self.note += f", --busy-poll {busy_poll_us} (keeps a CPU busy while traffic flows)"
 
     def unavailable(self) -> str | None:
         try:
@@ -200,7 +204,7 @@ class Gearproxy(Contender):
               probe: Probe = echo_probe) -> Instance:
         argv = [sys.executable, "-m", "gearproxy", "proxy", "--listen", "127.0.0.1:0",
                 "--target", f"{target[0]}:{target[1]}", "--mode", self.mode,
-                "--max-conns", str(max_conns())]
+                "--max-conns", str(max_conns()), "--busy-poll", str(self.busy_poll_us)]
         return launch(self.name, argv, logdir / f"{self.name}{tag}.log", probe=probe)
 
 
@@ -319,4 +323,5 @@ class DockerProxy(Contender):
 
 def all_contenders() -> list[Contender]:
     """Every contender the bench knows, in table order."""
-    return [Direct(), Gearproxy("splice"), Gearproxy("copy"), Socat(), HAProxy(), DockerProxy()]
+    return [Direct(), Gearproxy("splice"), Gearproxy("copy"), Gearproxy("splice", BUSY_POLL_US),
+            Socat(), HAProxy(), DockerProxy()]

@@ -17,7 +17,7 @@ import uvloop
 from test_proxy_support import Backends, connect, in_process, recv_exact, wait_for
 
 from gearproxy.proxy.config import parse_address
-from gearproxy.proxy.poller import Poller
+from gearproxy.proxy.poller import BusyPoll, Poller
 from gearproxy.proxy.splice import _PROMOTE, SpliceRelay, splice_works
 
 pytestmark = pytest.mark.skipif(not splice_works(), reason="splice(2) on TCP not available")
@@ -162,6 +162,51 @@ def test_short_connections_stay_in_the_private_set_long_ones_move_to_the_loop(
             sock.close()
         wait_for(lambda: not _relays(px), what="relays closed")
         assert not px.call(lambda: dict(poller.readers) or dict(poller.writers))
+
+
+def test_busy_poll_spins_while_touched_and_sleeps_after_the_window(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Touched, the spinner keeps the loop turning (many iterations in a short sleep);
+    untouched for longer than its window it stops, and a touch starts it again."""
+    busy = BusyPoll(loop, 0.02)
+    spins: list[float] = []
+    original = busy.spin
+
+    def counted() -> None:
+        spins.append(loop.time())
+        original()
+
+    busy._spin = counted
+    busy.touch()
+    assert busy.active
+    _turn(loop, 1)                            # 10 ms: well inside the 20 ms window
+    assert busy.active and len(spins) > 10    # the loop polled, it did not sleep 10 ms
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert not busy.active                    # no touch for > window: back to sleeping
+    stopped = len(spins)
+    _turn(loop, 2)
+    assert len(spins) == stopped
+    busy.touch()
+    assert busy.active
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert not busy.active
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_busy_poll_proxy_relays_and_goes_back_to_sleep(backends: Backends, mode: str) -> None:
+    port = backends.echo()
+    with in_process(targets=(parse_address(f"127.0.0.1:{port}", "--target"),), mode=mode,
+                    busy_poll=0.005) as px:
+        busy = px.proxy.poller.busy
+        assert busy is not None
+        sock = connect(px.port)
+        for i in range(50):
+            msg = b"%04d" % i
+            sock.sendall(msg)
+            assert recv_exact(sock, 4) == msg
+        sock.close()
+        wait_for(lambda: not px.call(lambda: busy.active), what="spinner to stop")
+        assert px.stats()["totals"]["bytes_in"] == 200
 
 
 @pytest.fixture

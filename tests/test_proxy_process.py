@@ -52,6 +52,8 @@ def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]
     (["--listen", "127.0.0.1:0", "--connect-timeout", "0"], "--connect-timeout"),
     (["--listen", "127.0.0.1:0", "--max-conns", "-1"], "--max-conns"),
     (["--listen", "127.0.0.1:0", "--mode", "fast"], "--mode"),
+    (["--listen", "127.0.0.1:0", "--busy-poll", "-1"], "--busy-poll"),
+    (["--listen", "127.0.0.1:0", "--busy-poll", "2000000"], "--busy-poll"),
     ([], "--listen"),
 ])
 def test_malformed_option_exits_2_naming_it(args: list[str], option: str) -> None:

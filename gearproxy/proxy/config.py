@@ -104,6 +104,7 @@ class ProxyConfig:
     metrics: Address | None = None
     join_ns_of: int | None = None
     log_level: LogLevel = "info"
+    busy_poll: float = 0.0             # seconds the loop keeps polling after I/O (0 = sleep)
     # Limits that are not command-line options (the defaults suit every link):
     copy_buffer: int = 256 * 1024      # copy engine: per-leg write buffer high-water mark
     pipe_size: int = 1024 * 1024       # splice engine: wanted pipe size (capped by the kernel)
@@ -119,6 +120,8 @@ class ProxyConfig:
             raise UsageError("--idle-timeout: must be >= 0 seconds (0 = no timeout)")
         if self.drain_timeout < 0:
             raise UsageError("--drain-timeout: must be >= 0 seconds")
+        if not 0 <= self.busy_poll <= 1.0:
+            raise UsageError("--busy-poll: must be 0-1000000 microseconds (0 = off)")
         if self.max_conns < 0:
             raise UsageError("--max-conns: must be >= 0 (0 = unlimited)")
         if self.join_ns_of is not None and self.join_ns_of <= 0:

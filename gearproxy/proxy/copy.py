@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from gearproxy.proxy.poller import BusyPoll
 from gearproxy.proxy.splice import LINGER_RESET
 
 
@@ -46,6 +47,9 @@ class _Leg(asyncio.Protocol):
         self.transport = tr
 
     def data_received(self, data: bytes) -> None:
+        busy = self.relay.busy
+        if busy is not None:
+            busy.touch()
         self.total += len(data)
         write = self.write
         if write is not None:
@@ -111,6 +115,7 @@ class CopyRelay:
         "backend_stats",
         "blog",
         "buffer",
+        "busy",
         "client",
         "clog",
         "closed",
@@ -122,8 +127,9 @@ class CopyRelay:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: _socket.socket,
                  backend: _socket.socket, buffer: int, on_close: Callable[[Any], None],
-                 listener_stats: Any, backend_stats: Any) -> None:
+                 listener_stats: Any, backend_stats: Any, busy: BusyPoll | None = None) -> None:
         self.loop = loop
+        self.busy = busy
         # The loop's transports want the full socket.socket around each fd.
         self.client = _full(client)
         self.backend = _full(backend)

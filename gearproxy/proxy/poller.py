@@ -19,6 +19,7 @@ every handler tolerates a spurious wake-up (EAGAIN).
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 from collections.abc import Callable
 
@@ -36,10 +37,11 @@ Callback = Callable[[], None]
 class Poller:
     """Reader and writer callbacks for raw fds, in one epoll set the loop watches."""
 
-    __slots__ = ("_ep", "_masks", "_poll", "loop", "readers", "writers")
+    __slots__ = ("_ep", "_masks", "_poll", "busy", "loop", "readers", "writers")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, busy: BusyPoll | None = None) -> None:
         self.loop = loop
+        self.busy = busy                       # engines call busy.touch() on each read
         self._ep = select.epoll()              # close-on-exec
         self._poll = self._ep.poll
         self._masks: dict[int, int] = {}
@@ -111,3 +113,42 @@ class Poller:
 
     def watching(self, fd: int) -> bool:
         return fd in self._masks
+
+
+class BusyPoll:
+    """Keep the loop polling, not sleeping, for `window` seconds after the last read.
+
+    A message through a proxy that sleeps costs two wake-ups (client -> proxy, backend
+    -> proxy); on a VM each is tens of µs of IPI and scheduler work.  While this is
+    active a callback re-schedules itself with call_soon, so the loop polls its fds
+    with a zero timeout and finds the next message without being woken.  Each read
+    (`touch`) restarts the window; after `window` seconds without one the loop
+    sleeps again.  The price is a CPU kept busy while traffic flows: off by default.
+    """
+
+    __slots__ = ("_spin", "active", "hot", "loop", "since", "window")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
+        self.loop = loop
+        self.window = window
+        self.active = False
+        self.hot = False
+        self.since = 0.0
+        self._spin = self.spin
+
+    def touch(self) -> None:
+        self.hot = True
+        if not self.active:
+            self.active = True
+            self.since = self.loop.time()
+            self.loop.call_soon(self._spin)
+
+    def spin(self) -> None:
+        if self.hot:
+            self.hot = False
+            self.since = self.loop.time()
+        elif self.loop.time() - self.since > self.window:
+            self.active = False
+            return
+        os.sched_yield()
+        self.loop.call_soon(self._spin)

@@ -44,7 +44,7 @@ from gearproxy.proxy.metrics import (
     serve_metrics_client,
     snapshot,
 )
-from gearproxy.proxy.poller import Poller
+from gearproxy.proxy.poller import BusyPoll, Poller
 from gearproxy.proxy.pool import Backend, Pool
 from gearproxy.proxy.splice import PipePool, SpliceRelay, splice_works
 
@@ -247,7 +247,7 @@ class Proxy:
                                 ls, backend.stats)
         else:
             relay = CopyRelay(self.loop, conn.client, sock, self.config.copy_buffer,
-                              self.relay_closed, ls, backend.stats)
+                              self.relay_closed, ls, backend.stats, self.poller.busy)
         self.relays.add(relay)
         ls.total += 1
         ls.active += 1
@@ -337,7 +337,7 @@ class Proxy:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal)
         config = self.config
-        self.poller = Poller(loop)
+        self.poller = Poller(loop, BusyPoll(loop, config.busy_poll) if config.busy_poll else None)
         if self.engine == "splice":
             self.pipes = PipePool(config.pipe_size, config.pipe_pool)
         servers: list[asyncio.AbstractServer] = []

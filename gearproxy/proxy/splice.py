@@ -135,6 +135,9 @@ class _Pump:
         self.reg.add_reader(self.sfd, self.on_read)
 
     def readable(self) -> None:
+        busy = self.poller.busy
+        if busy is not None:
+            busy.touch()
         self.wakes += 1
         if self.wakes == _PROMOTE:
             self.relay.promote()
