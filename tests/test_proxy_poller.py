@@ -8,6 +8,7 @@ relay's callbacks are registered.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -110,6 +111,47 @@ def test_forget_then_close_lets_the_fd_number_be_reused(loop: asyncio.AbstractEv
     poller.close()
     c.close()
     d.close()
+
+
+def test_events_left_in_a_batch_for_a_closed_fd_never_reach_its_new_owner(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """One batch holds events for fds A and B.  A's callback forgets and closes B, and
+    a new socket takes B's number with its own callbacks: B's leftover event in the
+    batch must not call them (the new socket has nothing to read and is not writable)."""
+    poller = Poller(loop)
+    a1, b1 = _pair()
+    a2, b2 = _pair()
+    number = b2.fileno()
+    stale: list[str] = []
+    fresh: list[socket.socket] = []
+
+    def first() -> None:
+        b1.recv(10)
+        x, y = _pair()                         # made first, so neither takes B's number
+        poller.forget(number)
+        b2.close()
+        y.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while True:                            # fill y's buffer: y is not writable
+            try:
+                y.send(b"z" * 65536)
+            except BlockingIOError:
+                break
+        os.dup2(y.fileno(), number)            # the new owner of B's number
+        fresh.extend((x, y))
+        poller.add_reader(number, lambda: stale.append("reader"))
+        poller.add_writer(number, lambda: stale.append("writer"))
+
+    poller.add_reader(b1.fileno(), first)
+    poller.add_reader(number, lambda: stale.append("old owner"))
+    a1.send(b"1")                              # A ready first, then B: one batch, in order
+    a2.send(b"2")
+    poller._dispatch()
+    assert stale == []
+    poller.forget(number)
+    os.close(number)
+    poller.close()
+    for sock in (a1, b1, a2, *fresh):
+        sock.close()
 
 
 def test_a_batch_larger_than_one_wakeup_is_served_over_several(

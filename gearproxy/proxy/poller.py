@@ -12,8 +12,9 @@ nothing at close: closing the last fd of a socket takes it out of the epoll set.
 The set is level-triggered, like the loop's readers.  One wake-up of the loop
 handles at most `_BATCH` events; more stay pending and the loop wakes again at
 once, so other loop work (timers, the control socket) still runs between batches.
-Callbacks may run for an fd that was closed and reused within the same batch:
-every handler tolerates a spurious wake-up (EAGAIN).
+An fd that leaves the set during a batch (forgotten and closed, or unregistered)
+has its remaining events in that batch dropped: its number may already belong to
+a new socket, whose own readiness the next poll reports (libuv does the same).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ Callback = Callable[[], None]
 class Poller:
     """Reader and writer callbacks for raw fds, in one epoll set the loop watches."""
 
-    __slots__ = ("_ep", "_masks", "_poll", "busy", "loop", "readers", "writers")
+    __slots__ = ("_dispatching", "_ep", "_gone", "_masks", "_poll", "busy", "loop", "readers",
+                 "writers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, busy: BusyPoll | None = None) -> None:
         self.loop = loop
@@ -45,6 +47,8 @@ class Poller:
         self._ep = select.epoll()              # close-on-exec
         self._poll = self._ep.poll
         self._masks: dict[int, int] = {}
+        self._dispatching = False
+        self._gone: set[int] = set()           # fds that left the set during this batch
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         loop.add_reader(self._ep.fileno(), self._dispatch)
@@ -60,15 +64,22 @@ class Poller:
     def _dispatch(self) -> None:
         readers = self.readers
         writers = self.writers
-        for fd, events in self._poll(0, _BATCH):
-            if events & _READ_EVENTS:
-                cb = readers.get(fd)
+        gone = self._gone
+        self._dispatching = True
+        try:
+            for fd, events in self._poll(0, _BATCH):
+                if gone and fd in gone:
+                    continue
+                cb = readers.get(fd) if events & _READ_EVENTS else None
                 if cb is not None:
                     cb()
-            if events & _WRITE_EVENTS:
-                cb = writers.get(fd)
-                if cb is not None:
+                    if gone and fd in gone:          # the reader closed it
+                        continue
+                if events & _WRITE_EVENTS and (cb := writers.get(fd)) is not None:
                     cb()
+        finally:
+            self._dispatching = False
+            gone.clear()
 
     def _set(self, fd: int, mask: int) -> None:
         old = self._masks.get(fd, 0)
@@ -83,23 +94,25 @@ class Poller:
         else:
             self._ep.unregister(fd)
             del self._masks[fd]
+            if self._dispatching:
+                self._gone.add(fd)
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        self.readers[fd] = callback
         old = self._masks.get(fd, 0)
         if not old:                            # the common case, spelled out: no _set call
             self._ep.register(fd, _IN)
             self._masks[fd] = _IN
         elif not old & _IN:
             self._set(fd, old | _IN)
+        self.readers[fd] = callback            # only once registered: a failure leaves no trace
 
     def remove_reader(self, fd: int) -> None:
         if self.readers.pop(fd, None) is not None:
             self._set(fd, self._masks.get(fd, 0) & ~_IN)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
-        self.writers[fd] = callback
         self._set(fd, self._masks.get(fd, 0) | _OUT)
+        self.writers[fd] = callback
 
     def remove_writer(self, fd: int) -> None:
         if self.writers.pop(fd, None) is not None:
@@ -109,7 +122,8 @@ class Poller:
         """Drop `fd`'s callbacks without a syscall: the caller closes it next."""
         self.readers.pop(fd, None)
         self.writers.pop(fd, None)
-        self._masks.pop(fd, None)
+        if self._masks.pop(fd, None) is not None and self._dispatching:
+            self._gone.add(fd)
 
     def watching(self, fd: int) -> bool:
         return fd in self._masks

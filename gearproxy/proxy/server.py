@@ -123,7 +123,12 @@ class _Connect:
                 else:
                     self._connected()
                     return
-                proxy.poller.add_writer(sock.fileno(), self._on_writable)
+                try:
+                    proxy.poller.add_writer(sock.fileno(), self._on_writable)
+                except OSError:                        # epoll out of memory: give up now
+                    sock.close()
+                    self.sock = None
+                    break
                 self.timer = loop.call_later(proxy.config.connect_timeout, self._on_timeout)
                 return
             self._failed()
@@ -141,11 +146,17 @@ class _Connect:
     def _on_writable(self) -> None:
         sock = self.sock
         assert sock is not None
+        failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        if not failed:
+            try:
+                sock.getpeername()
+            except OSError:          # not connected yet: a spurious wake-up, keep waiting
+                return
         self.proxy.poller.remove_writer(sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        if failed:
             self._failed()
             self.next()
         else:

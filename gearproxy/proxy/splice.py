@@ -242,9 +242,13 @@ class _Pump:
 
     def _block(self) -> None:
         self.reading = False
-        self.reg.remove_reader(self.sfd)
+        try:
+            self.reg.remove_reader(self.sfd)
+            self.reg.add_writer(self.dfd, self.on_write)
+        except OSError:                  # epoll out of memory: this relay cannot go on
+            self.relay.close(True)
+            return
         self.writing = True
-        self.reg.add_writer(self.dfd, self.on_write)
 
     def _release(self) -> None:
         if self.pr >= 0:
@@ -337,12 +341,13 @@ class SpliceRelay:
             if pump.reg is not poller:
                 continue
             loop = poller.loop
+            # Into the loop first: if that fails the pump is still registered somewhere.
             if pump.reading:
-                poller.remove_reader(pump.sfd)
                 loop.add_reader(pump.sfd, pump.on_read)
+                poller.remove_reader(pump.sfd)
             if pump.writing:
-                poller.remove_writer(pump.dfd)
                 loop.add_writer(pump.dfd, pump.on_write)
+                poller.remove_writer(pump.dfd)
             pump.reg = loop
 
     def other_done(self, pump: _Pump) -> bool:
