@@ -18,6 +18,12 @@ pump to splicing for the rest of the wake-up and after; a short splice read
 switches it back.  Bytes the destination refuses go into a borrowed (empty)
 pipe and the pump blocks exactly as above.
 
+Where callbacks live: a new relay's two sockets go into the process's private
+epoll set (`Poller`: one epoll_ctl per socket, none at close).  After `_PROMOTE`
+wake-ups of one direction the relay moves to the loop's own add_reader/add_writer,
+which costs more to set up but saves the nested epoll_wait on every message, so
+short connections and long-lived ones each get the cheaper path.
+
 States of a pump: READING (reader on src) -> BLOCKED (writer on dst, pipe
 holds bytes) -> READING ... -> DONE (src said EOF; dst shut for writing).
 The relay closes both sockets when both pumps are DONE.  Any socket error
