@@ -526,3 +526,10 @@ def test_logs_with_unreachable_engine_exits_1_saying_the_engine_does_not_answer(
     assert proc.stdout == ""
     assert_one_error_line(proc.stderr, "Docker engine", NOWHERE, "does not answer")
     assert not state.exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "1000001", "fast"])
+def test_daemon_proxy_busy_poll_out_of_range_exits_2_naming_it(value: str, state: Path) -> None:
+    result = CliRunner().invoke(main, ["daemon", "--proxy-busy-poll", value])
+    assert result.exit_code == 2
+    assert "--proxy-busy-poll" in result.output

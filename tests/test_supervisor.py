@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,33 @@ def test_start_reconfigure_restart_and_stop(tmp_path: Path,
         await sup.close()
 
     run(scenario())
+
+
+def test_a_busy_poll_change_restarts_the_proxy_with_the_flag(
+        tmp_path: Path, servers: tuple[EchoServer, EchoServer]) -> None:
+    """--busy-poll cannot change over the control socket: a new value means a new process,
+    started with the flag, serving the same listener."""
+    a, _ = servers
+    port = free_port()
+
+    async def scenario() -> None:
+        sup = Supervisor(tmp_path / "proxies")
+        spec = ProxySpec("d.web-1.80", (f"127.0.0.1:{port}",), (f"127.0.0.1:{a.port}",))
+        proxy = await sup.ensure(spec)
+        pid = proxy.pid
+        await sup.ensure(replace(spec, busy_poll_us=100))
+        assert proxy.state == "running" and proxy.pid != pid
+        pids.append(proxy.pid)
+        assert await ask_async(port) == b"a:hi"
+        await sup.close(stop_proxies=False)       # the proxy stays up to be looked at
+
+    pids: list[int] = []
+    run(scenario())
+    try:
+        cmdline = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"--busy-poll") + 1] == b"100"
+    finally:
+        os.kill(pids[0], signal.SIGTERM)
 
 
 def test_a_new_supervisor_adopts_running_proxies(tmp_path: Path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gearproxy.orchestrator.wiring import Running, proxy_specs
 from gearproxy.plan import plan
 from gearproxy.spec import Container, Deployment, Link, PortPair
@@ -58,3 +60,14 @@ def test_ipv6_publish_address_is_bracketed() -> None:
     p = plan(_example(), name="app")
     specs = proxy_specs("app", p.instances, {}, publish_address="::1")
     assert specs["app.web-1.80"].listen == ("[::1]:6060",)
+
+
+def test_busy_poll_reaches_every_proxy_and_its_command_line() -> None:
+    p = plan(_example(), name="app")
+    running = {"web-1": Running(100, "10.0.0.2"), "db-1": Running(200, "10.0.0.3")}
+    specs = proxy_specs("app", p.instances, running, busy_poll_us=150)
+    assert {s.busy_poll_us for s in specs.values()} == {150}
+    argv = specs["app.db-1.27017"].argv(Path("/run/x.sock"))
+    assert argv[argv.index("--busy-poll") + 1] == "150"
+    plain = proxy_specs("app", p.instances, running)["app.db-1.27017"]
+    assert "--busy-poll" not in plain.argv(Path("/run/x.sock"))

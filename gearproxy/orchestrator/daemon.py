@@ -35,6 +35,7 @@ log = get_logger("gearproxy.daemon")
 class DaemonConfig:
     state_dir: Path
     publish_address: str = "0.0.0.0"
+    proxy_busy_poll_us: int = 0       # passed to every link proxy as --busy-poll
 
 
 class Daemon:
@@ -62,7 +63,8 @@ class Daemon:
         join_ns_of = await asyncio.to_thread(rootless_pid, info) if info.rootless else None
         supervisor = Supervisor(state_dir / "proxies")
         lifecycle = Lifecycle(store, engine, supervisor, state_dir,
-                              publish_address=self.config.publish_address, join_ns_of=join_ns_of)
+                              publish_address=self.config.publish_address, join_ns_of=join_ns_of,
+                              busy_poll_us=self.config.proxy_busy_poll_us)
         self.lifecycle = lifecycle
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

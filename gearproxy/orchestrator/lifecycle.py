@@ -91,13 +91,14 @@ class Lifecycle:
 
     def __init__(self, store: Store, engine: Engine, supervisor: Supervisor,
                  state_dir: Path, *, publish_address: str = "0.0.0.0",
-                 join_ns_of: int | None = None) -> None:
+                 join_ns_of: int | None = None, busy_poll_us: int = 0) -> None:
         self.store = store
         self.engine = engine
         self.supervisor = supervisor
         self.state_dir = state_dir
         self.publish_address = publish_address
         self.join_ns_of = join_ns_of
+        self.busy_poll_us = busy_poll_us
         self.runtimes: dict[str, Runtime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -302,7 +303,8 @@ class Lifecycle:
 
     async def _apply_proxies(self, runtime: Runtime) -> None:
         specs = proxy_specs(runtime.name, runtime.instances, runtime.running(),
-                            publish_address=runtime.publish_address, join_ns_of=self.join_ns_of)
+                            publish_address=runtime.publish_address, join_ns_of=self.join_ns_of,
+                            busy_poll_us=self.busy_poll_us)
         for key in self._proxy_keys(runtime.name):
             if key not in specs:
                 await self.supervisor.stop(key)

@@ -65,6 +65,7 @@ class ProxySpec:
     join_ns_of: int | None = None  # rootless: RootlessKit's pid
     mode: str = "auto"
     deployment: str = ""  # the owner; names may contain dots, so the key cannot say
+    busy_poll_us: int = 0  # `gearproxy proxy --busy-poll`; 0 = off
 
     def argv(self, control: Path) -> list[str]:
         args = [sys.executable, "-m", "gearproxy", "proxy", "--control", str(control),
@@ -77,6 +78,8 @@ class ProxySpec:
             args += ["--target", target]
         if self.join_ns_of is not None:
             args += ["--join-ns-of", str(self.join_ns_of)]
+        if self.busy_poll_us:
+            args += ["--busy-poll", str(self.busy_poll_us)]
         return args
 
     @classmethod
@@ -89,6 +92,7 @@ class ProxySpec:
             join_ns_of=data.get("join_ns_of"),
             mode=str(data.get("mode", "auto")),
             deployment=str(data.get("deployment", "")),
+            busy_poll_us=int(data.get("busy_poll_us", 0)),
         )
 
 
@@ -212,7 +216,8 @@ class Supervisor:
         if old == spec:
             return proxy
         if (old.listen != spec.listen or old.join_ns_of != spec.join_ns_of
-                or old.mode != spec.mode or proxy.state != "running"):
+                or old.mode != spec.mode or old.busy_poll_us != spec.busy_poll_us
+                or proxy.state != "running"):
             proxy.spec = spec
             await self._terminate(proxy, drain=True)
             await self._spawn(proxy)

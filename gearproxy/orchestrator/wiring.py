@@ -40,7 +40,8 @@ def host_address(address: str, port: int) -> str:
 
 def proxy_specs(deployment: str, instances: tuple[InstancePlan, ...],
                 running: Mapping[str, Running], *, publish_address: str = "0.0.0.0",
-                join_ns_of: int | None = None, mode: str = "auto") -> dict[str, ProxySpec]:
+                join_ns_of: int | None = None, mode: str = "auto",
+                busy_poll_us: int = 0) -> dict[str, ProxySpec]:
     """Every proxy the deployment needs, keyed by proxy key."""
     consumers: dict[tuple[str, int], list[tuple[str, str]]] = {}
     for source in instances:
@@ -63,5 +64,6 @@ def proxy_specs(deployment: str, instances: tuple[InstancePlan, ...],
                 join_ns_of=join_ns_of,
                 mode=mode,
                 deployment=deployment,
+                busy_poll_us=busy_poll_us,
             )
     return specs
