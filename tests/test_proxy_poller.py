@@ -256,3 +256,39 @@ def backends() -> Iterator[Backends]:
     b = Backends()
     yield b
     b.close()
+
+
+def _fds(backends: Backends) -> int:
+    """Open fds of this process but the echo backend's: it keeps half-closed peers open."""
+    return len(os.listdir("/proc/self/fd")) - len(backends.live)
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_many_short_connections_and_resets_leave_no_fd_or_registration_behind(
+        backends: Backends, mode: str) -> None:
+    """2,000 connections (most closed cleanly, every tenth reset by the client, a few
+    talking long enough to be promoted): afterwards the proxy holds what it held before."""
+    port = backends.echo()
+    with in_process(targets=(parse_address(f"127.0.0.1:{port}", "--target"),),
+                    mode=mode) as px:
+        def one(i: int) -> None:
+            sock = connect(px.port)
+            rounds = _PROMOTE * 2 if i % 50 == 0 else 1
+            for _ in range(rounds):
+                sock.sendall(b"ping")
+                assert recv_exact(sock, 4) == b"ping"
+            if i % 10 == 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            sock.close()
+
+        for i in range(100):                   # warm up: pipe pool and loop internals
+            one(i)
+        wait_for(lambda: not _relays(px), what="warm-up relays closed")
+        before = _fds(backends)
+        for i in range(2000):
+            one(i)
+        wait_for(lambda: not _relays(px), timeout=30, what="relays closed")
+        poller = px.proxy.poller
+        assert px.call(lambda: (dict(poller.readers), dict(poller.writers))) == ({}, {})
+        assert _fds(backends) <= before
+        assert px.stats()["totals"]["connections_total"] == 2100
