@@ -231,6 +231,4 @@ def _abort(transport: Any) -> None:
 
 
 def _full(sock: _socket.socket) -> socket.socket:
-    if isinstance(sock, socket.socket):
-        return sock
     return socket.socket(sock.family, sock.type, sock.proto, sock.detach())

@@ -109,14 +109,15 @@ class PipePool:
 class _Pump:
     """One direction of a relay: src socket -> pipe -> dst socket."""
 
-    __slots__ = ("dfd", "done", "dst", "on_read", "on_write", "pending", "pipes", "poller", "pr",
-                 "pw", "reading", "reg", "relay", "sfd", "size", "small", "total", "wakes",
+    __slots__ = ("busy", "dfd", "done", "dst", "on_read", "on_write", "pending", "pipes", "poller",
+                 "pr", "pw", "reading", "reg", "relay", "sfd", "size", "small", "total", "wakes",
                  "writing")
 
     def __init__(self, relay: SpliceRelay, poller: Poller, src: _socket.socket,
                  dst: _socket.socket, pipes: PipePool) -> None:
         self.relay = relay
         self.poller = poller
+        self.busy = poller.busy           # looked up once per connection, not per read
         # Where the callbacks are registered: the private set, then the loop once promoted.
         self.reg: Poller | asyncio.AbstractEventLoop = poller
         self.wakes = 0
@@ -141,9 +142,8 @@ class _Pump:
         self.reg.add_reader(self.sfd, self.on_read)
 
     def readable(self) -> None:
-        busy = self.poller.busy
-        if busy is not None:
-            busy.touch()
+        if self.busy is not None:
+            self.busy.touch()
         self.wakes += 1
         if self.wakes == _PROMOTE:
             self.relay.promote()
